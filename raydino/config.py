@@ -1,0 +1,377 @@
+"""One typed, validated configuration for a raydino run, with presets.
+
+Built from a preset, then a YAML file, then dotted overrides (``loss.vmf=true``),
+validated once at load: unknown keys and out-of-range values fail with a message
+that names the key and what is allowed. ``resolve`` applies the batch-size scaling
+of the learning rate; the resolved config is what gets logged and checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raydino.schedules import Schedules
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("vit_small_patch16_224", min_length=1, description="timm model name")
+    img_size: int = Field(224, ge=8, le=4096, description="size the position embeddings are made for")
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="timm overrides: patch_size, depth ...")
+
+
+class HeadConfig(_Section):
+    num_prototypes: int = Field(65536, ge=2, le=1_048_576)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=2, le=65536, description="p: the vMF sphere is S^(p-1)")
+    num_layers: int = Field(3, ge=1, le=8)
+    use_bn: bool = False
+    norm_last_layer: bool = True
+
+
+class LossConfig(_Section):
+    vmf: bool = False
+    student_temp: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_teacher_temp: float = Field(0.04, gt=0.0, le=1.0)
+    teacher_temp: float = Field(0.07, gt=0.0, le=1.0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    centering: Literal["logit", "probability", "sinkhorn", "none"] = "logit"
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    sinkhorn_iterations: int = Field(3, ge=1, le=100)
+
+
+class CropsConfig(_Section):
+    global_size: int = Field(224, ge=8, le=4096)
+    local_size: int = Field(96, ge=8, le=4096)
+    local_number: int = Field(8, ge=0, le=64)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+    @model_validator(mode="after")
+    def _scales(self) -> CropsConfig:
+        for key in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, key)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"data.crops.{key}=({lo}, {hi}): need 0 < low <= high <= 1 (fractions of the image area)")
+        return self
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "fashion_mnist", "imagefolder", "images"] = "digits"
+    path: str | None = Field(None, description="directory for imagefolder / images sources")
+    batch_size_per_worker: int = Field(64, ge=1)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+
+    @model_validator(mode="after")
+    def _path(self) -> DataConfig:
+        if self.source in ("imagefolder", "images") and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path (a directory of images)")
+        return self
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    base_lr: float = Field(5e-4, gt=0.0, le=1.0, description="lr for a global batch of 256")
+    min_lr: float = Field(1e-6, ge=0.0, le=1.0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0.0, le=10.0)
+    weight_decay_end: float = Field(0.4, ge=0.0, le=10.0)
+    clip_grad: float = Field(3.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
+    decay_prototype_norms: bool = True
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = Field("raydino", min_length=1)
+    run_name: str | None = None
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="0: at the end of every epoch only")
+    num_to_keep: int = Field(2, ge=1)
+    storage_path: str | None = Field(None, description="default: ./ray_results")
+
+
+class Config(_Section):
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        o = self.optim
+        for key in ("warmup_epochs", "freeze_last_layer_epochs"):
+            if getattr(o, key) > o.epochs:
+                raise ValueError(f"optim.{key}={getattr(o, key)} exceeds optim.epochs={o.epochs}")
+        if self.loss.warmup_teacher_temp_epochs > o.epochs:
+            raise ValueError(
+                f"loss.warmup_teacher_temp_epochs={self.loss.warmup_teacher_temp_epochs} exceeds optim.epochs={o.epochs}"
+            )
+        if o.min_lr > o.base_lr:
+            raise ValueError(f"optim.min_lr={o.min_lr} exceeds optim.base_lr={o.base_lr}")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.data.batch_size_per_worker * self.scaling.num_workers
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: base_lr * global batch / 256 (DINO's linear scaling rule)."""
+        return self.optim.base_lr * self.global_batch_size / 256.0
+
+    def schedules(self) -> Schedules:
+        o, lo = self.optim, self.loss
+        return Schedules(
+            epochs=o.epochs,
+            lr=self.lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+            momentum_teacher=o.momentum_teacher,
+            warmup_teacher_temp=lo.warmup_teacher_temp,
+            teacher_temp=lo.teacher_temp,
+            warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
+            freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for logging as parameters and for comparing runs."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Presets are overrides of the defaults (which are DINO's main_dino.py defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet_vit_small": {
+        "model": {"name": "vit_small_patch16_224", "drop_path_rate": 0.1},
+        "data": {"source": "imagefolder", "path": "/data/imagenet/train", "batch_size_per_worker": 64},
+        "optim": {"epochs": 100, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0},
+        "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
+        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    "imagenet_vit_base": {
+        "model": {"name": "vit_base_patch16_224", "drop_path_rate": 0.1},
+        "data": {
+            "source": "imagefolder",
+            "path": "/data/imagenet/train",
+            "batch_size_per_worker": 32,
+            "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
+        },
+        "optim": {
+            "epochs": 400,
+            "base_lr": 7.5e-4 * 256 / 1024,
+            "min_lr": 2e-6,
+            "warmup_epochs": 10,
+            "freeze_last_layer_epochs": 3,
+            "clip_grad": 3.0,
+        },
+        "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
+        "scaling": {"num_workers": 32, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    "cpu_demo": {
+        "model": {
+            "name": "vit_tiny_patch16_224",
+            "img_size": 32,
+            "drop_path_rate": 0.0,
+            "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        },
+        "head": {"num_prototypes": 1024, "hidden_dim": 512, "bottleneck_dim": 64, "norm_last_layer": False},
+        "loss": {
+            "vmf": True,
+            "centering": "probability",
+            "warmup_teacher_temp": 0.04,
+            "teacher_temp": 0.07,
+            "warmup_teacher_temp_epochs": 5,
+        },
+        "data": {
+            "source": "digits",
+            "batch_size_per_worker": 64,
+            "crops": {
+                "global_size": 32,
+                "local_size": 16,
+                "local_number": 4,
+                "global_scale": [0.4, 1.0],
+                "local_scale": [0.1, 0.4],
+            },
+        },
+        "optim": {
+            "epochs": 20,
+            "base_lr": 2e-3,
+            "min_lr": 1e-5,
+            "warmup_epochs": 2,
+            "freeze_last_layer_epochs": 1,
+            "momentum_teacher": 0.99,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.1,
+        },
+        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+    },
+}
+DEFAULT_PRESET = "cpu_demo"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``loss.vmf=true`` -> (["loss", "vmf"], True); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (for example loss.vmf=true)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict; an unknown section or key is caught at validation."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _field_info(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, Any]:
+    model: type[BaseModel] | None = Config
+    info = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return model, None
+        info = model.model_fields[part]
+        annotation = info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model, info
+
+
+def _allowed(info: Any) -> str:
+    """Describe a field's constraints, e.g. '0 < value <= 1' or 'one of logit, probability'."""
+    if info is None or (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+        return ""
+    choices = get_args(info.annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "one of " + ", ".join(choices)
+    low = high = ""
+    for meta in info.metadata:
+        if isinstance(meta, annotated_types.Gt):
+            low = f"{meta.gt} < "
+        elif isinstance(meta, annotated_types.Ge):
+            low = f"{meta.ge} <= "
+        elif isinstance(meta, annotated_types.Lt):
+            high = f" < {meta.lt}"
+        elif isinstance(meta, annotated_types.Le):
+            high = f" <= {meta.le}"
+    if low or high:
+        return f"{low}value{high}"
+    return getattr(info.annotation, "__name__", str(info.annotation))
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if isinstance(p, str))
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            parent, _ = _field_info(loc[:-1]) if len(loc) > 1 else (Config, None)
+            valid = ", ".join(parent.model_fields) if parent else ""
+            where = ".".join(loc[:-1]) or "the top level"
+            lines.append(f"unknown key '{key}'; valid keys in {where}: {valid}")
+            continue
+        _, info = _field_info(loc)
+        allowed = _allowed(info)
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if loc and not isinstance(err["input"], dict) else ""
+        if err["type"] == "value_error":  # our own cross-field checks already name their keys
+            lines.append(msg)
+        else:
+            lines.append(f"{key}: {msg}{got}" + (f"; allowed: {allowed}" if allowed else ""))
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict; raise ConfigError with one line per problem."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None) -> Config:
+    """preset (default ``cpu_demo``, or the file's ``preset:`` key) <- YAML file <- overrides."""
+    file_tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            file_tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(file_tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(file_tree).__name__}")
+    preset = preset or file_tree.pop("preset", None) or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    tree = _deep_merge(_deep_merge({}, PRESETS[preset]), file_tree)
+    return build_config(apply_overrides(tree, overrides or []))
+

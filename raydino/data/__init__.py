@@ -1,0 +1,1 @@
+"""Data: image sources and multi-crop augmentation."""

@@ -1,0 +1,77 @@
+"""The DINO projection head: MLP -> L2 bottleneck -> weight-normalised prototypes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use_bn: bool) -> nn.Sequential:
+    if num_layers == 1:
+        return nn.Sequential(nn.Linear(in_dim, bottleneck_dim))
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers.append(nn.Linear(a, b))
+        if use_bn:
+            layers.append(nn.BatchNorm1d(b))
+        layers.append(nn.GELU())
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+    return nn.Sequential(*layers)
+
+
+class DINOHead(nn.Module):
+    """MLP (in -> hidden -> ... -> bottleneck), L2-normalise, then K prototypes w_k = g_k v_k / ||v_k||.
+
+    ``norm_last_layer=True`` freezes every g_k at 1 (unit-norm prototypes, DINO's default);
+    otherwise the norms are learned, and with DINO-vMF they are the vMF precisions
+    kappa_k = g_k / tau. The forward pass returns raw scores z_k = w_k . y.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_prototypes: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"head.num_layers must be >= 1, got {num_layers}")
+        self.bottleneck_dim = bottleneck_dim
+        self.num_prototypes = num_prototypes
+        self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, use_bn)
+        self.mlp.apply(self._init_weights)
+        last_layer = nn.Linear(bottleneck_dim, num_prototypes, bias=False)
+        nn.init.trunc_normal_(last_layer.weight, std=0.02)
+        self.last_layer = weight_norm(last_layer)
+        with torch.no_grad():
+            self.prototype_gain.fill_(1.0)
+        self.prototype_gain.requires_grad_(not norm_last_layer)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def prototype_gain(self) -> nn.Parameter:
+        """g, shape (K, 1): the learnable (or frozen) prototype norms."""
+        return self.last_layer.parametrizations.weight.original0
+
+    def prototype_norms(self) -> Tensor:
+        """||w_k|| for every prototype, shape (K,); differentiable in g only."""
+        return self.prototype_gain.squeeze(1).abs()
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The bottleneck point y on the unit sphere S^(p-1)."""
+        return nn.functional.normalize(self.mlp(x), dim=-1, p=2, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(self.embed(x))

@@ -1,0 +1,36 @@
+"""Optimizer parameter groups: weight decay on matrices only, last layer separate.
+
+Groups carry two flags that the schedules read each step: ``apply_weight_decay``
+and ``is_last_layer`` (whose learning rate is 0 while the last layer is frozen, the
+DINOv2 way, which stays correct under AMP and DDP).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+LAST_LAYER_PREFIX = "head.last_layer."
+PROTOTYPE_GAIN_SUFFIX = "parametrizations.weight.original0"
+
+
+def param_groups(model: nn.Module, decay_prototype_norms: bool = True) -> list[dict[str, Any]]:
+    """Split trainable parameters of the (unwrapped) student into up to four groups.
+
+    No weight decay on biases and 1-D parameters. The prototype gains g (K, 1) are
+    decayed only if ``decay_prototype_norms`` (DINO's code decays them), because
+    decay pulls the vMF precisions kappa_k = g_k / tau toward zero.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_gain = name.endswith(PROTOTYPE_GAIN_SUFFIX)
+        decay = decay_prototype_norms if is_gain else not (name.endswith(".bias") or param.ndim <= 1)
+        last = name.startswith(LAST_LAYER_PREFIX)
+        groups.setdefault((decay, last), []).append(param)
+    return [
+        {"params": params, "apply_weight_decay": decay, "is_last_layer": last}
+        for (decay, last), params in sorted(groups.items())
+    ]

@@ -1,0 +1,16 @@
+"""The objective: pure math on tensors, no Ray, no MLflow, no I/O."""
+
+from raydino.objectives.centering import CENTERING_MODES, Centering, make_centering
+from raydino.objectives.dino import DINOLoss, LossOutput
+from raydino.objectives.vmf import bessel_ratio, log_vmf_normalizer, vmf_logits
+
+__all__ = [
+    "CENTERING_MODES",
+    "Centering",
+    "DINOLoss",
+    "LossOutput",
+    "bessel_ratio",
+    "log_vmf_normalizer",
+    "make_centering",
+    "vmf_logits",
+]

@@ -1,0 +1,158 @@
+"""Teacher-target centering: the four modes of objective.md section 4.
+
+Every mode maps the teacher's *scaled* logits l (already divided by the teacher
+temperature, vMF correction included) to target probabilities, and keeps what it
+learns across steps in a buffer so that it is checkpointed with the model.
+All statistics are all-reduced over workers when a process group is initialised.
+
+The logit center is kept in temperature-1 units (an EMA of l * tau), exactly as
+DINO keeps it, so DINO's teacher-temperature warm-up behaves as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+CenteringMode = Literal["logit", "probability", "sinkhorn", "none"]
+CENTERING_MODES: tuple[str, ...] = ("logit", "probability", "sinkhorn", "none")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over workers (in place on a copy); identity without a process group."""
+    if _distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def global_batch_mean(x: Tensor) -> Tensor:
+    """Mean over the rows of x across all workers, weighting every sample equally."""
+    total = all_reduce_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))
+    return total[:-1] / total[-1]
+
+
+class Centering(nn.Module):
+    """Maps scaled teacher logits (N, K) to target probabilities (N, K)."""
+
+    def __init__(self, num_prototypes: int) -> None:
+        super().__init__()
+        self.num_prototypes = num_prototypes
+
+    def targets(self, logits: Tensor, temperature: float) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, temperature: float) -> None:
+        """Absorb one batch of (uncentred) teacher logits, after the loss used them."""
+
+    def center_norm(self) -> Tensor | None:
+        """Norm of the running center, for diagnostics; None where the mode has none."""
+        return None
+
+
+class NoCentering(Centering):
+    """Plain softmax of the teacher logits."""
+
+    def targets(self, logits: Tensor, temperature: float) -> Tensor:
+        return torch.softmax(logits, dim=-1)
+
+
+class LogitCentering(Centering):
+    """DINO: subtract an EMA of the batch-mean teacher logit, c <- m c + (1 - m) mean(l tau)."""
+
+    def __init__(self, num_prototypes: int, momentum: float = 0.9) -> None:
+        super().__init__(num_prototypes)
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    def targets(self, logits: Tensor, temperature: float) -> Tensor:
+        return torch.softmax(logits - self.center / temperature, dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, temperature: float) -> None:
+        batch_center = global_batch_mean(logits.float() * temperature)
+        self.center.mul_(self.momentum).add_(batch_center.unsqueeze(0), alpha=1.0 - self.momentum)
+
+    def center_norm(self) -> Tensor:
+        return self.center.norm()
+
+
+class ProbabilityCentering(Centering):
+    """DINO-vMF: divide the teacher softmax by the running prototype usage and renormalise.
+
+    c <- m c + (1 - m) mean_batch(softmax(l)), init 1/K;  P_t = softmax(l - log c).
+    Unlike logit centering it does not cancel the per-prototype vMF normaliser.
+    """
+
+    def __init__(self, num_prototypes: int, momentum: float = 0.9) -> None:
+        super().__init__(num_prototypes)
+        self.momentum = momentum
+        self.register_buffer("center", torch.full((1, num_prototypes), 1.0 / num_prototypes))
+
+    def targets(self, logits: Tensor, temperature: float) -> Tensor:
+        return torch.softmax(logits - torch.log(self.center), dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, temperature: float) -> None:
+        usage = global_batch_mean(torch.softmax(logits.float(), dim=-1))
+        self.center.mul_(self.momentum).add_(usage.unsqueeze(0), alpha=1.0 - self.momentum)
+        # Guard log(0) for a prototype that no sample has used for a very long time.
+        self.center.clamp_(min=torch.finfo(self.center.dtype).tiny)
+
+    def center_norm(self) -> Tensor:
+        return self.center.norm()
+
+
+class SinkhornCentering(Centering):
+    """DINOv2's Sinkhorn-Knopp: equipartition targets over the global batch; stateless."""
+
+    def __init__(self, num_prototypes: int, iterations: int = 3) -> None:
+        super().__init__(num_prototypes)
+        self.iterations = iterations
+
+    @torch.no_grad()
+    def targets(self, logits: Tensor, temperature: float) -> Tensor:
+        logits = logits.float()
+        global_max = logits.max()
+        if _distributed():
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+        q = torch.exp(logits - global_max).t()  # (K, B); the shift cancels in the normalisation
+        batch = all_reduce_sum(logits.new_tensor(float(q.shape[1])))
+        k = q.shape[0]
+        q /= all_reduce_sum(q.sum())
+        for _ in range(self.iterations):
+            q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+            q /= k
+            q /= q.sum(dim=0, keepdim=True)
+            q /= batch
+        q *= batch
+        return q.t()
+
+
+def make_centering(
+    mode: str, num_prototypes: int, momentum: float = 0.9, sinkhorn_iterations: int = 3
+) -> Centering:
+    """Build the centering module for ``mode`` (one of CENTERING_MODES)."""
+    if mode == "logit":
+        return LogitCentering(num_prototypes, momentum)
+    if mode == "probability":
+        return ProbabilityCentering(num_prototypes, momentum)
+    if mode == "sinkhorn":
+        return SinkhornCentering(num_prototypes, sinkhorn_iterations)
+    if mode == "none":
+        return NoCentering(num_prototypes)
+    raise ValueError(f"unknown centering mode {mode!r}; choose one of {', '.join(CENTERING_MODES)}")
+
+
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats, 0 log 0 = 0."""
+    return -(torch.xlogy(p, p)).sum(dim=dim)
+
