@@ -120,7 +120,8 @@ class SinkhornCentering(Centering):
 
     @torch.no_grad()
     def targets(self, logits: Tensor, temperature: float) -> Tensor:
-        logits = logits.float()
+        # float64 so that prototypes far below the maximum underflow neither to 0 nor to 0/0
+        logits = logits.double()
         global_max = logits.max()
         if _distributed():
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
@@ -129,12 +130,12 @@ class SinkhornCentering(Centering):
         k = q.shape[0]
         q /= all_reduce_sum(q.sum())
         for _ in range(self.iterations):
-            q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+            q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(torch.finfo(q.dtype).tiny)
             q /= k
             q /= q.sum(dim=0, keepdim=True)
             q /= batch
         q *= batch
-        return q.t()
+        return q.t().float()
 
 
 def make_centering(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from raydino.objectives.centering import entropy, global_batch_mean, make_centering
-from raydino.objectives.vmf import vmf_logits
+from raydino.objectives.vmf import vmf_correction
 
 
 @dataclass
@@ -30,13 +30,12 @@ class LossOutput:
     center_norm: Tensor | None
 
 
-def scaled_logits(scores: Tensor, temperature: float, norms: Tensor | None = None, dim: int | None = None) -> Tensor:
-    """z / tau, plus log C_p(||w|| / tau) when prototype norms are given (DINO-vMF)."""
-    if norms is None:
-        return scores.float() / temperature
-    if dim is None:
-        raise ValueError("the vMF correction needs the bottleneck dimension p")
-    return vmf_logits(scores, norms, temperature, dim)
+def scaled_logits(scores: Tensor, temperature: float, correction: Tensor | None = None) -> Tensor:
+    """z / tau in float32 at least, plus the per-prototype vMF correction when given."""
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if correction is None:
+        return scores / temperature
+    return torch.add(correction, scores, alpha=1.0 / temperature)  # one fused pass, as cheap as the division
 
 
 def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs: Sequence[Tensor]) -> Tensor:
@@ -44,7 +43,9 @@ def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs:
 
     Student crops 0..len(teacher_probs)-1 are the teacher's crops, in the same order.
     """
-    total_log_probs = torch.stack(list(student_log_probs)).sum(dim=0)
+    total_log_probs = student_log_probs[0].clone()
+    for log_probs in student_log_probs[1:]:
+        total_log_probs = total_log_probs + log_probs
     loss = teacher_probs[0].new_zeros(())
     for i, q in enumerate(teacher_probs):
         loss = loss - (q * (total_log_probs - student_log_probs[i])).sum(dim=-1).mean()
@@ -69,10 +70,12 @@ class DINOLoss(nn.Module):
         self.bottleneck_dim = bottleneck_dim
         self.centering = make_centering(centering, num_prototypes, center_momentum, sinkhorn_iterations)
 
-    def _logits(self, scores: Tensor, temperature: float, norms: Tensor | None) -> Tensor:
-        if self.vmf and norms is None:
+    def _correction(self, norms: Tensor | None, temperature: float) -> Tensor | None:
+        if not self.vmf:
+            return None
+        if norms is None:
             raise ValueError("DINO-vMF needs the prototype norms of each network (head.prototype_norms())")
-        return scaled_logits(scores, temperature, norms if self.vmf else None, self.bottleneck_dim)
+        return vmf_correction(norms, temperature, self.bottleneck_dim)
 
     def forward(
         self,
@@ -87,12 +90,13 @@ class DINOLoss(nn.Module):
         ``teacher_scores``: one per global crop. Updates the center after the loss."""
         if len(student_scores) <= len(teacher_scores):
             raise ValueError("the student must see more crops than the teacher (global + local crops)")
+        student_correction = self._correction(student_norms, student_temp)
         student_log_probs = [
-            torch.log_softmax(self._logits(s, student_temp, student_norms), dim=-1) for s in student_scores
+            torch.log_softmax(scaled_logits(s, student_temp, student_correction), dim=-1) for s in student_scores
         ]
         with torch.no_grad():
-            teacher_logits = self._logits(torch.cat(list(teacher_scores)).detach(), teacher_temp, teacher_norms)
-            teacher_logits = teacher_logits.detach()
+            teacher_correction = self._correction(teacher_norms, teacher_temp)
+            teacher_logits = scaled_logits(torch.cat(list(teacher_scores)), teacher_temp, teacher_correction)
             targets = self.centering.targets(teacher_logits, teacher_temp)
         loss = cross_view_cross_entropy(targets.chunk(len(teacher_scores)), student_log_probs)
         with torch.no_grad():

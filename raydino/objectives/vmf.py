@@ -164,15 +164,23 @@ def log_vmf_normalizer(kappa: Tensor, dim: int) -> Tensor:
     return _LogVMFNormalizer.apply(kappa, dim)
 
 
+def vmf_correction(prototype_norms: Tensor, temperature: float, dim: int) -> Tensor:
+    """log C_p(||w_k|| / tau) per prototype, shape (K,), in float32 at least.
+
+    The constant part is dropped (shifted so the largest entry is 0): it cancels in
+    every softmax and would cost precision in half precision (|log C_p| ~ 344 at p = 256).
+    Compute it once per network and step and add it to every crop's logits.
+    """
+    kappa = prototype_norms.to(torch.promote_types(prototype_norms.dtype, torch.float32)) / temperature
+    correction = log_vmf_normalizer(kappa, dim)
+    return correction - correction.detach().max()
+
+
 def vmf_logits(scores: Tensor, prototype_norms: Tensor, temperature: float, dim: int) -> Tensor:
     """DINO-vMF logits l_k = w_k . y / tau + log C_p(||w_k|| / tau)  (objective.md section 3).
 
     ``scores`` are the raw prototype scores w_k . y, shape (..., K); ``prototype_norms``
-    is ||w_k||, shape (K,). Computed in float32 at least; the constant part of log C_p
-    is dropped, since it cancels in every softmax and costs precision in half precision.
+    is ||w_k||, shape (K,). Up to a constant that cancels in the softmax.
     """
-    dtype = torch.promote_types(scores.dtype, torch.float32)
-    kappa = prototype_norms.to(dtype) / temperature
-    correction = log_vmf_normalizer(kappa, dim)
-    correction = correction - correction.detach().max()
-    return scores.to(dtype) / temperature + correction
+    correction = vmf_correction(prototype_norms, temperature, dim)
+    return scores.to(torch.promote_types(scores.dtype, correction.dtype)) / temperature + correction

@@ -1,0 +1,80 @@
+from typing import get_args
+
+import pytest
+
+from raydino.config import PRESETS, Config, ConfigError, LossConfig, load_config
+from raydino.objectives import CENTERING_MODES
+
+
+def test_default_is_cpu_demo():
+    cfg = load_config()
+    assert cfg.model.img_size == 32 and cfg.data.source == "digits" and cfg.loss.vmf
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate(preset):
+    cfg = load_config(preset=preset)
+    assert isinstance(cfg, Config)
+
+
+def test_imagenet_recipes():
+    small, base = load_config(preset="imagenet_vit_small"), load_config(preset="imagenet_vit_base")
+    assert small.model.name == "vit_small_patch16_224" and base.model.name == "vit_base_patch16_224"
+    assert small.head.num_prototypes == base.head.num_prototypes == 65536
+    assert small.head.bottleneck_dim == 256 and small.loss.student_temp == 0.1
+    assert (small.loss.warmup_teacher_temp, small.loss.teacher_temp) == (0.04, 0.07)
+    assert base.data.crops.local_number == 10 and base.data.crops.global_scale == (0.25, 1.0)
+    assert base.lr == pytest.approx(7.5e-4 * base.global_batch_size / 1024)
+
+
+def test_overrides_and_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: imagenet_vit_small\nloss:\n  vmf: true\n  centering: probability\n")
+    cfg = load_config(path, ["head.norm_last_layer=false", "data.crops.local_scale=[0.1, 0.3]"])
+    assert cfg.model.name == "vit_small_patch16_224"
+    assert cfg.loss.vmf and cfg.loss.centering == "probability" and not cfg.head.norm_last_layer
+    assert cfg.data.crops.local_scale == (0.1, 0.3)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.vmff=true", "unknown key 'loss.vmff'; valid keys in loss: vmf, student_temp"),
+        ("los.vmf=true", "unknown key 'los'"),
+        ("loss.student_temp=0", r"loss.student_temp: .*greater than 0 .*allowed: 0.0 < value <= 1.0"),
+        ("loss.center_momentum=1.5", r"loss.center_momentum: .*allowed: 0.0 <= value < 1.0"),
+        ("loss.centering=foo", "loss.centering: .*allowed: one of logit, probability, sinkhorn, none"),
+        ("head.num_layers=x", "head.num_layers: .*valid integer"),
+        ("data.crops.global_scale=[0.5,0.2]", r"data.crops.global_scale=\(0.5, 0.2\): need 0 < low <= high <= 1"),
+        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=20"),
+        ("data.source=imagefolder", "data.source='imagefolder' needs data.path"),
+        ("loss.vmf", "not of the form section.key=value"),
+        ("loss.vmf.x=1", "'vmf' is a value, not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_missing_file_and_bad_preset(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(preset="nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_flat_roundtrip_and_yaml():
+    cfg = load_config()
+    flat = cfg.flat()
+    assert flat["loss.vmf"] is True and flat["model.kwargs"]["patch_size"] == 4
+    assert load_config(overrides=[f"{k}={v}" for k, v in flat.items() if k.startswith("loss.")]) == cfg
+    assert "bottleneck_dim: 64" in cfg.to_yaml()
+
+
+def test_centering_modes_agree_with_objectives():
+    assert set(get_args(LossConfig.model_fields["centering"].annotation)) == set(CENTERING_MODES)

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from raydino.config import CropsConfig
+from raydino.data.augment import MultiCrop, crop_names
+from raydino.data.embedded import load_digits, load_fashion_mnist
+from raydino.eval.knn import knn_predict, knn_top1
+
+
+def test_multicrop_shapes_dtype_and_seed():
+    crops = CropsConfig(global_size=32, local_size=16, local_number=3)
+    mc = MultiCrop(crops)
+    images = [torch.randint(0, 256, (1, 40, 36), dtype=torch.uint8) for _ in range(5)]
+    a = mc.batch(images, seed=7)
+    assert list(a) == crop_names(3) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    assert a["global_0"].shape == (5, 3, 32, 32) and a["local_2"].shape == (5, 3, 16, 16)
+    assert all(v.dtype == torch.uint8 for v in a.values())
+    b, c = mc.batch(images, seed=7), mc.batch(images, seed=8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    train, test = load_digits("train"), load_digits("test")
+    assert len(train) + len(test) == 1797 and len(test) == 450
+    assert train.images.shape[1:] == (1, 32, 32) and train.images.dtype == np.uint8
+    assert set(np.unique(test.labels)) == set(range(10))
+    with pytest.raises(ValueError, match="split"):
+        load_digits("val")
+
+
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", root=tmp_path)
+
+
+def test_knn_against_a_direct_computation():
+    torch.manual_seed(0)
+    train, labels, test = torch.randn(50, 8), torch.randint(0, 3, (50,)), torch.randn(7, 8)
+    scores = knn_predict(train, labels, test, 3, k=5, temperature=0.1)
+    tn, qn = train / train.norm(dim=1, keepdim=True), test / test.norm(dim=1, keepdim=True)
+    for i in range(7):
+        sims = qn[i] @ tn.T
+        top = sims.argsort(descending=True)[:5]
+        expected = torch.zeros(3)
+        for j in top:
+            expected[labels[j]] += torch.exp(sims[j] / 0.1)
+        torch.testing.assert_close(scores[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_knn_top1_on_separable_clusters():
+    centers = torch.eye(4) * 10
+    labels = torch.arange(4).repeat(10)
+    feats = centers[labels] + torch.randn(40, 4)
+    assert knn_top1(feats, labels, feats[:8] + 0.1, labels[:8], 4, k=5) == 100.0

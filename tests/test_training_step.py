@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import torch
+
+from raydino.config import load_config
+from raydino.engine import DINOStep, NonFiniteLossError, build_loss, build_models, build_optimizer, normalize_crops
+
+TINY = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+    "head.num_prototypes=128",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=32",
+    "data.crops.local_number=4",
+    "optim.epochs=5",
+    "optim.warmup_epochs=1",
+    "loss.warmup_teacher_temp_epochs=1",
+]
+
+
+def _setup(*overrides):
+    cfg = load_config(overrides=TINY + list(overrides))
+    student, teacher = build_models(cfg)
+    step = DINOStep(cfg, student, student, teacher, build_loss(cfg), build_optimizer(cfg, student), torch.device("cpu"))
+    return cfg, student, teacher, step
+
+
+def _random_crops(batch=4):
+    crops = [torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8) for _ in range(2)]
+    crops += [torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8) for _ in range(4)]
+    return normalize_crops(crops, "cpu")
+
+
+def test_five_vmf_steps_with_unnormalised_prototypes():
+    cfg, student, teacher, step_fn = _setup("loss.vmf=true", "head.norm_last_layer=false", "optim.freeze_last_layer_epochs=0")
+    assert cfg.loss.vmf and student.head.prototype_gain.requires_grad
+    gain_before = student.head.prototype_gain.detach().clone()
+    for step in range(5):
+        teacher_before = copy.deepcopy(teacher)
+        metrics = step_fn(_random_crops(), step, 5)
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        gain_grad = student.head.prototype_gain.grad
+        assert gain_grad is not None and torch.count_nonzero(gain_grad) > 0
+        m = metrics["teacher_momentum"]
+        assert 0.99 <= m < 1.0
+        for (name, t), s, b in zip(teacher.named_parameters(), student.parameters(), teacher_before.parameters()):
+            assert t.grad is None, name
+            torch.testing.assert_close(t, m * b + (1 - m) * s, msg=name)
+    assert not torch.equal(student.head.prototype_gain, gain_before)
+
+
+def test_last_layer_is_frozen_during_the_first_epoch():
+    _, student, _, step_fn = _setup("optim.freeze_last_layer_epochs=1", "head.norm_last_layer=false")
+    last = [p.detach().clone() for p in student.head.last_layer.parameters()]
+    mlp = student.head.mlp[0].weight.detach().clone()
+    step_fn(_random_crops(), 1, 10)  # epoch 1 of 5 covers steps 0 and 1; lr > 0 at step 1
+    for before, after in zip(last, student.head.last_layer.parameters()):
+        assert torch.equal(before, after)
+    assert not torch.equal(mlp, student.head.mlp[0].weight)
+    step_fn(_random_crops(), 2, 10)
+    assert any(not torch.equal(b, a) for b, a in zip(last, student.head.last_layer.parameters()))
+
+
+def test_nan_loss_stops_with_the_step_named():
+    _, student, _, step_fn = _setup()
+    before = [p.detach().clone() for p in student.parameters()]
+    crops = _random_crops()
+    crops[3][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3"):
+        step_fn(crops, 3, 5)
+    for b, a in zip(before, student.parameters()):
+        assert torch.equal(b, a)
+
+
+def test_normalize_crops_expands_grayscale():
+    out = normalize_crops([torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)], "cpu")[0]
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+    torch.testing.assert_close(out[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
