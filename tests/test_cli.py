@@ -1,0 +1,32 @@
+import pytest
+
+from raydino.cli import main
+
+FAST = [
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "loss.warmup_teacher_temp_epochs=0",
+    "data.batch_size_per_worker=16",
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+]
+
+
+@pytest.mark.timeout(120)
+def test_pretrain_smoke_prints_knn_against_random_init(capsys):
+    assert main(["pretrain", "--max-steps", "2", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps" in out
+    assert "kNN top-1 (k=20) of the pretrained teacher" in out and "random initialisation" in out
+
+
+def test_invalid_override_fails_fast_with_the_key(capsys):
+    assert main(["pretrain", "loss.teacher_temp=2"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.teacher_temp" in err and "allowed: 0.0 < value <= 1.0" in err
+
+
+def test_help_explains_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "cpu_demo" in capsys.readouterr().out
