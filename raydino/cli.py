@@ -25,16 +25,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="base settings (default: cpu_demo)")
-    pre.add_argument("--max-steps", type=int, help="stop after this many optimisation steps (smoke tests)")
+    pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
+    pre.add_argument("--local", action="store_true", help="single process, no Ray (quick smoke run)")
+    pre.add_argument("--max-steps", type=int, help="with --local: stop after this many steps")
+    pre.add_argument("--storage", help="where Ray Train keeps checkpoints (default ./raydino_runs)")
+    pre.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from a checkpoint")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=5")
     return parser
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides = ["data.source=imagefolder", f"data.path={args.data}", *overrides]
+    cfg = load_config(args.config, overrides, args.preset)
+    print(f"raydino: {cfg.model.name} on {cfg.data.source}, vmf={cfg.loss.vmf}, centering={cfg.loss.centering}", flush=True)
+    if not args.local:
+        from raydino.pretrain import pretrain, summary_lines
+
+        summary = pretrain(cfg, storage_path=args.storage, max_failures=args.max_failures)
+        print("\n".join(summary_lines(summary)))
+        return 0
     from raydino.local_run import pretrain_local
 
-    cfg = load_config(args.config, args.overrides, args.preset)
-    print(f"raydino: {cfg.model.name} on {cfg.data.source}, vmf={cfg.loss.vmf}, centering={cfg.loss.centering}")
     result = pretrain_local(cfg, max_steps=args.max_steps)
     print(
         f"done in {result.seconds:.0f} s, {result.steps} steps, final loss {result.final_loss:.4f}\n"
@@ -52,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from raydino.tracking import TrackingError
+        from raydino.train.driver import PretrainError
+
+        if isinstance(exc, (TrackingError, PretrainError)):
+            print(f"raydino: error: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 1
 
 

@@ -75,6 +75,10 @@ class DataConfig(_Section):
     path: str | None = Field(None, description="directory for imagefolder / images sources")
     batch_size_per_worker: int = Field(64, ge=1)
     crops: CropsConfig = Field(default_factory=CropsConfig)
+    num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop")
+    cpus_per_crop_actor: float = Field(1.0, gt=0.0)
+    crop_batch_size: int = Field(64, ge=1, description="images per multi-crop actor call")
+    shuffle_buffer_batches: int = Field(4, ge=0, description="local shuffle buffer, in training batches")
 
     @model_validator(mode="after")
     def _path(self) -> DataConfig:
@@ -106,7 +110,19 @@ class ScalingConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str = Field("raydino", min_length=1)
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="names the MLflow run and the Ray Train run (resume key)")
+    log_every_steps: int = Field(10, ge=1)
+
+
+class EvalConfig(_Section):
+    """Held-out labelled data for kNN / linear probe; the embedded sources bring their own split."""
+
+    train_path: str | None = Field(None, description="ImageFolder used as the kNN memory bank")
+    test_path: str | None = Field(None, description="ImageFolder whose kNN top-1 is reported")
+    max_images: int = Field(5000, ge=10, description="per split, to keep per-epoch evaluation cheap")
+    every_epochs: int = Field(1, ge=0, description="0: evaluate only at the end")
+    knn_k: list[int] = Field(default_factory=lambda: [10, 20, 100])
+    knn_temperature: float = Field(0.07, gt=0.0)
 
 
 class CheckpointConfig(_Section):
@@ -125,6 +141,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

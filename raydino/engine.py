@@ -7,6 +7,7 @@ numerics of a step live in one place.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
 from raydino.objectives import DINOLoss
+from raydino.objectives.centering import all_reduce_sum
 from raydino.schedules import ScheduleValues
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +32,12 @@ class NonFiniteLossError(FloatingPointError):
             "optim.warmup_epochs or loss.student_temp, or set optim.clip_grad, then resume from the last checkpoint."
         )
         self.step = step
+
+
+def global_mean(x: Tensor) -> Tensor:
+    """Mean of a scalar over all workers (itself without a process group)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return all_reduce_sum(x.float()) / world
 
 
 def normalize_crops(crops: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
@@ -126,8 +134,8 @@ class DINOStep:
             student_norms,
             teacher_norms,
         )
-        loss_value = out.loss.item()
-        if not torch.isfinite(out.loss):
+        loss_value = global_mean(out.loss.detach()).item()  # every worker sees a NaN anywhere
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(step, loss_value)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

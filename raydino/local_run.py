@@ -63,6 +63,10 @@ def knn_accuracy(network: MultiCropNetwork, train: ArrayDataset, test: ArrayData
     )
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclass
 class LocalResult:
     steps: int
@@ -72,7 +76,7 @@ class LocalResult:
     seconds: float
 
 
-def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str], None] = print) -> LocalResult:
+def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str], None] = _print) -> LocalResult:
     """Pretrain on one process, then compare teacher kNN top-1 with the random initialisation."""
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -87,7 +91,8 @@ def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str
         batch_size=cfg.data.batch_size_per_worker * cfg.scaling.num_workers,
         shuffle=True,
         drop_last=True,
-        num_workers=0,
+        num_workers=1,  # augment in a separate process (single-threaded), overlapping the step
+        persistent_workers=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     total_steps = cfg.optim.epochs * len(loader)

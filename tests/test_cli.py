@@ -14,7 +14,7 @@ FAST = [
 
 @pytest.mark.timeout(120)
 def test_pretrain_smoke_prints_knn_against_random_init(capsys):
-    assert main(["pretrain", "--max-steps", "2", *FAST]) == 0
+    assert main(["pretrain", "--local", "--max-steps", "2", *FAST]) == 0
     out = capsys.readouterr().out
     assert "2 steps" in out
     assert "kNN top-1 (k=20) of the pretrained teacher" in out and "random initialisation" in out

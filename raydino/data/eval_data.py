@@ -1,0 +1,59 @@
+"""Held-out labelled images for evaluation, as in-memory arrays at the global crop size."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray.data
+import torch
+from torchvision.transforms import v2
+
+from raydino.config import Config
+from raydino.data.embedded import load_digits, load_fashion_mnist
+from raydino.data.sources import imagefolder_dataset
+from raydino.eval.evaluate import EvalData
+
+
+def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(labels) <= limit:
+        return images, labels
+    idx = np.sort(np.random.default_rng(seed).choice(len(labels), size=limit, replace=False))
+    return images[idx], labels[idx]
+
+
+def _resize_center(size: int):
+    transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [transform(torch.from_numpy(np.asarray(im).copy())).numpy() for im in batch["image"]]
+        return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+
+    return fn
+
+
+def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    source = imagefolder_dataset(path)
+    ds: ray.data.Dataset = source.dataset.random_shuffle(seed=seed).limit(limit)
+    rows = ds.map_batches(_resize_center(size), batch_format="numpy", batch_size=64).take_batch(limit)
+    return rows["image"], rows["label"], len(source.classes)
+
+
+def load_eval_data(cfg: Config) -> EvalData | None:
+    """The evaluation split for the configured source; None when there is none to use."""
+    limit, seed, size = cfg.eval.max_images, cfg.seed, cfg.data.crops.global_size
+    if cfg.data.source in ("digits", "fashion_mnist"):
+        if cfg.data.source == "digits":
+            train, test = load_digits("train", size=size, seed=seed), load_digits("test", size=size, seed=seed)
+        else:
+            train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+        train_x, train_y = _subsample(train.images, train.labels, limit, seed)
+        test_x, test_y = _subsample(test.images, test.labels, limit, seed + 1)
+        if train_x.shape[-1] != size:
+            resize = v2.Resize(size, antialias=True)
+            train_x = resize(torch.from_numpy(train_x)).numpy()
+            test_x = resize(torch.from_numpy(test_x)).numpy()
+        return EvalData(train_x, train_y, test_x, test_y, len(train.classes))
+    if cfg.eval.train_path and cfg.eval.test_path:
+        train_x, train_y, n_classes = _imagefolder_arrays(cfg.eval.train_path, size, limit, seed)
+        test_x, test_y, _ = _imagefolder_arrays(cfg.eval.test_path, size, limit, seed + 1)
+        return EvalData(train_x, train_y, test_x, test_y, n_classes)
+    return None

@@ -1,0 +1,273 @@
+"""Image sources as Ray Datasets: ImageFolder, a plain image directory, the embedded arrays.
+
+Every source yields rows ``{"image", "label", "key"}``:
+
+- ``image``: uint8, **CHW** (channels first, 1 or 3 channels; grayscale stays 1-channel,
+  every other mode becomes RGB). File sources have one shape per file (a variable-shaped
+  tensor column); the multi-crop stage turns them into fixed-shape crops.
+- ``label``: int64, the index of the class in ``classes``; -1 when unknown.
+- ``key``: int64, a stable id of the row (array index, or a hash of the file's path
+  relative to the root) that the multi-crop stage seeds from, so crops do not depend on
+  block order, batching, shuffling or which actor does the work.
+
+Files are read as raw bytes with ``ray.data.read_binary_files`` and decoded by us, not by
+``ray.data.read_images``: in Ray 2.60 one corrupt file makes ``read_images`` raise and fail
+the whole dataset (``DataContext.max_errored_blocks`` would instead drop the whole block,
+good images with it). Undecodable files are dropped one by one, logged, and their paths
+sent to a small counter actor: ``ImageSource.skipped.count()`` after consumption.
+
+File paths must be visible from every node that runs Ray Data tasks (a local disk on a
+single machine, or shared storage on a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+
+from raydino.config import DataConfig
+from raydino.data.embedded import ArrayDataset, load_digits, load_fashion_mnist
+
+logger = logging.getLogger(__name__)
+
+# torchvision's ImageFolder extensions (matched case-insensitively by Ray).
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp")
+UNKNOWN_LABEL = -1
+_DECODE_BATCH = 64  # images decoded per task call: bounds the memory of one output block
+_ROWS_PER_BLOCK = 2048  # rows per block for in-memory arrays
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _SkipLog:
+    """Paths of undecodable files, shared by all decode tasks; a set, so retries and epochs never double count."""
+
+    def __init__(self) -> None:
+        self._paths: dict[str, str] = {}
+
+    def add(self, failures: list[tuple[str, str]]) -> None:
+        for path, reason in failures:
+            self._paths.setdefault(path, reason)
+
+    def get(self) -> dict[str, str]:
+        return dict(self._paths)
+
+
+@dataclass(frozen=True)
+class SkippedImages:
+    """Driver-side handle on the files a source dropped as undecodable (no actor for in-memory sources)."""
+
+    actor: Any = None
+
+    def reasons(self) -> dict[str, str]:
+        """path -> error message, for every file skipped so far (in any epoch, on any node)."""
+        return {} if self.actor is None else ray.get(self.actor.get.remote())
+
+    def paths(self) -> list[str]:
+        return sorted(self.reasons())
+
+    def count(self) -> int:
+        return len(self.reasons())
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A dataset with its class names and its skipped-file log; the dataset alone cannot carry them."""
+
+    dataset: ray.data.Dataset
+    classes: tuple[str, ...] = ()
+    skipped: SkippedImages = field(default_factory=SkippedImages)
+    num_files: int = 0
+    """Rows expected before decoding (files listed, or array rows); undecodable files come off this."""
+
+
+def _missing(path: Path, expected: str) -> FileNotFoundError:
+    return FileNotFoundError(f"data path {str(path)!r} {expected}")
+
+
+def _is_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
+
+
+def _walk_images(root: Path) -> Iterator[str]:
+    """Image file paths under root, lazily: existence checks stop at the first one."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if _is_image(name):
+                yield os.path.join(dirpath, name)
+
+
+def _check_dir(path: str | os.PathLike[str], expected: str) -> Path:
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise _missing(root, f"does not exist; expected {expected}")
+    if not root.is_dir():
+        raise _missing(root, f"is not a directory; expected {expected}")
+    return root
+
+
+def _stable_key(relative_path: str) -> int:
+    """Signed 64-bit hash of a path: the same on every node and every run (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(relative_path.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes -> uint8 CHW array (1 channel for grayscale, else 3); raises on any undecodable file."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # decode fully now, so a truncated file fails here rather than later
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("L" if img.mode in ("1", "I;16", "I", "F") else "RGB")
+        array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:
+        return array[None].copy()
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _image_column(images: list[np.ndarray]) -> np.ndarray:
+    """Stack equal shapes; otherwise a ragged object array, which Ray stores as a variable-shaped tensor column."""
+    if images and all(im.shape == images[0].shape for im in images):
+        return np.stack(images)
+    column = np.empty(len(images), dtype=object)
+    for i, im in enumerate(images):
+        column[i] = im
+    return column
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, root: str, class_to_idx: dict[str, int] | None, skip_log: Any
+) -> dict[str, np.ndarray]:
+    """Decode a batch of files, dropping (and reporting) the ones that fail."""
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    keys: list[int] = []
+    failures: list[tuple[str, str]] = []
+    prefix = root.rstrip("/") + "/"
+    for data, path in zip(batch["bytes"], batch["path"]):
+        path = str(path)
+        relative = path[len(prefix) :] if path.startswith(prefix) else path
+        try:
+            image = decode_image(data)
+        except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError, ...
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.warning("raydino: skipping undecodable image %s (%s)", path, reason)
+            failures.append((path, reason))
+            continue
+        images.append(image)
+        keys.append(_stable_key(relative))
+        labels.append(UNKNOWN_LABEL if class_to_idx is None else class_to_idx[relative.split("/", 1)[0]])
+    if failures:
+        ray.get(skip_log.add.remote(failures))  # wait, so the count is complete once the rows are consumed
+    if not images:
+        return {
+            "image": np.empty((0, 1, 1, 1), dtype=np.uint8),
+            "label": np.empty(0, dtype=np.int64),
+            "key": np.empty(0, dtype=np.int64),
+        }
+    return {
+        "image": _image_column(images),
+        "label": np.asarray(labels, dtype=np.int64),
+        "key": np.asarray(keys, dtype=np.int64),
+    }
+
+
+def _files_dataset(
+    paths: list[str], root: Path, class_to_idx: dict[str, int] | None
+) -> tuple[ray.data.Dataset, SkippedImages]:
+    skip_log = _SkipLog.remote()
+    # shuffle="files": a new file order every epoch, so sorted class directories still mix
+    raw = ray.data.read_binary_files(
+        paths, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS), shuffle="files"
+    )
+    ds = raw.map_batches(
+        _decode_batch,
+        batch_size=_DECODE_BATCH,
+        batch_format="numpy",
+        fn_kwargs={"root": str(root), "class_to_idx": class_to_idx, "skip_log": skip_log},
+    )
+    return ds, SkippedImages(skip_log)
+
+
+def list_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Sorted class directory names (hidden ones excluded): labels come from the listing, never from the files read."""
+    root = _check_dir(path, "an ImageFolder directory: <path>/<class_name>/<image files>")
+    return tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
+
+
+def imagefolder_dataset(path: str | os.PathLike[str]) -> ImageSource:
+    """ImageFolder layout ``path/<class>/**/<image>``; label = index of the class in the sorted class names.
+
+    Streams: files are listed on the driver, read and decoded in Ray tasks. Files directly
+    under ``path`` and files without an image extension are ignored. Raises FileNotFoundError
+    at once when the path is missing, has no class directories, or has no image files.
+    """
+    expected = "an ImageFolder directory: <path>/<class_name>/<image files>"
+    root = _check_dir(path, expected)
+    classes = list_classes(root)
+    if not classes:
+        raise _missing(root, f"has no class subdirectories; expected {expected}")
+    num_files = sum(1 for c in classes for _ in _walk_images(root / c))
+    if num_files == 0:
+        extensions = ", ".join(IMAGE_EXTENSIONS)
+        raise _missing(root, f"has no image files ({extensions}) in its class directories; expected {expected}")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    ds, skipped = _files_dataset([str(root / c) for c in classes], root, class_to_idx)
+    return ImageSource(ds, classes, skipped, num_files)
+
+
+def image_directory_dataset(path: str | os.PathLike[str]) -> ImageSource:
+    """Every image file under ``path`` (recursively), unlabelled (label -1): for pretraining on raw images."""
+    expected = "a directory holding image files (searched recursively)"
+    root = _check_dir(path, expected)
+    num_files = sum(1 for _ in _walk_images(root))
+    if num_files == 0:
+        raise _missing(root, f"has no image files ({', '.join(IMAGE_EXTENSIONS)}); expected {expected}")
+    ds, skipped = _files_dataset([str(root)], root, None)
+    return ImageSource(ds, (), skipped, num_files)
+
+
+def array_dataset(data: ArrayDataset, rows_per_block: int = _ROWS_PER_BLOCK) -> ImageSource:
+    """An embedded in-memory set as a Dataset of fixed-shape tensor blocks; key = the row's index."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    images = np.ascontiguousarray(data.images, dtype=np.uint8)
+    labels = np.asarray(data.labels, dtype=np.int64)
+    if images.ndim != 4 or len(images) != len(labels) or len(labels) == 0:
+        raise ValueError(
+            f"array_dataset needs images (N, C, H, W) and N labels with N > 0, got {images.shape} and {labels.shape}"
+        )
+    tables = [
+        pa.table(
+            {
+                "image": ArrowTensorArray.from_numpy(images[start : start + rows_per_block]),
+                "label": labels[start : start + rows_per_block],
+                "key": np.arange(start, min(start + rows_per_block, len(labels)), dtype=np.int64),
+            }
+        )
+        for start in range(0, len(labels), rows_per_block)
+    ]
+    return ImageSource(ray.data.from_arrow(tables), tuple(data.classes), num_files=len(labels))
+
+
+def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) -> ImageSource:
+    """The source a DataConfig names; ``split`` applies to the embedded sets only."""
+    if data.source == "digits":
+        return array_dataset(load_digits(split, size=data.crops.global_size, seed=seed))
+    if data.source == "fashion_mnist":
+        return array_dataset(load_fashion_mnist(split))
+    assert data.path is not None  # DataConfig validates this
+    if data.source == "imagefolder":
+        return imagefolder_dataset(data.path)
+    return image_directory_dataset(data.path)

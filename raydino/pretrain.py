@@ -1,0 +1,134 @@
+"""``raydino pretrain``: one tracked run from config to evaluated, exported teacher.
+
+Order matters for users: the tracking store and the data path are checked before Ray
+starts; the MLflow run always ends with a final status, never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raydino.config import Config
+from raydino.data.eval_data import load_eval_data
+from raydino.engine import build_models
+from raydino.eval.evaluate import evaluate_network, extract
+from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
+from raydino.eval.prototypes import kappa_statistics, prototype_utilisation
+from raydino.export import export_backbone, load_teacher
+from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
+from raydino.train.driver import PretrainResult, default_run_name, run_pretraining
+
+
+@dataclass
+class FinalEvaluation:
+    metrics: dict[str, float]
+    random_init: dict[str, float]
+
+
+def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> FinalEvaluation:
+    """kNN (k = 10, 20, 100), linear probe, prototypes and kappa of the final teacher,
+    the same kNN for the random initialisation, and the plots."""
+    teacher, _, state = load_teacher(checkpoint_dir)
+    eval_data = load_eval_data(cfg)
+    metrics: dict[str, float] = {}
+    random_init: dict[str, float] = {}
+    if eval_data is not None:
+        metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True)
+        torch.manual_seed(cfg.seed)
+        _, random_teacher = build_models(cfg)
+        random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
+        _, scores = extract(teacher, eval_data.test_images)
+        plot_prototype_usage(prototype_utilisation(scores)["usage"].numpy(), plots_dir / "prototype_usage.png")
+    student_norms = state["student"]["head.last_layer.parametrizations.weight.original0"].squeeze(1).abs()
+    teacher_norms = teacher.head.prototype_norms().detach()
+    for name, norms, temp in (("student", student_norms, cfg.loss.student_temp), ("teacher", teacher_norms, cfg.loss.teacher_temp)):
+        for key, value in kappa_statistics(norms, temp).items():
+            metrics[f"kappa_{name}_{key}"] = value
+    plot_kappa_histogram(
+        {
+            "student": (student_norms / cfg.loss.student_temp).numpy(),
+            "teacher": (teacher_norms / cfg.loss.teacher_temp).numpy(),
+        },
+        plots_dir / "kappa_histogram.png",
+    )
+    return FinalEvaluation(metrics, random_init)
+
+
+@dataclass
+class PretrainSummary:
+    result: PretrainResult
+    final: FinalEvaluation
+    tracking_uri: str
+    mlflow_run_id: str
+    export_path: Path | None
+
+
+def pretrain(
+    cfg: Config,
+    *,
+    storage_path: str | os.PathLike[str] | None = None,
+    max_failures: int = 1,
+    log: Callable[[str], None] = print,
+) -> PretrainSummary:
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    check_tracking(uri)
+    run_name = cfg.tracking.run_name or default_run_name(cfg)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": run_name, "uri": uri})})
+    run_id = find_run(uri, cfg.tracking.experiment, run_name)
+    if run_id is None:
+        tags = {"raydino.method": "dino-vmf" if cfg.loss.vmf else "dino", "raydino.source": cfg.data.source}
+        run_id = create_run(uri, cfg.tracking.experiment, run_name, cfg.flat(), tags)
+    logger = RunLogger(uri, run_id)
+    try:
+        result, cfg = run_pretraining(
+            cfg, storage_path=storage_path, max_failures=max_failures, log=log, mlflow_run_id=run_id, tracking_uri=uri
+        )
+        logger.log_metrics({"skipped_images": result.skipped_images}, result.steps)
+        final = FinalEvaluation({}, {})
+        export_path = None
+        if result.checkpoint_dir is not None:
+            with tempfile.TemporaryDirectory(prefix="raydino-artifacts-") as tmp:
+                plots = Path(tmp) / "plots"
+                final = final_evaluation(result.checkpoint_dir, cfg, plots)
+                history = logger.metric_history("loss")
+                if history:
+                    plot_loss_curve(*zip(*history), plots / "loss_curve.png")
+                logger.log_artifacts(plots, "plots")
+                export_path = export_backbone(result.checkpoint_dir, result.run_dir / "teacher_backbone.safetensors")
+                logger.log_artifact(export_path, "model")
+                logger.log_artifacts(result.checkpoint_dir, "checkpoint")
+            logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)
+            logger.log_metrics({f"random_init_{k}": v for k, v in final.random_init.items()}, result.steps)
+    except KeyboardInterrupt:
+        logger.end("KILLED")
+        raise
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    return PretrainSummary(result, final, uri, run_id, export_path)
+
+
+def summary_lines(summary: PretrainSummary) -> list[str]:
+    final, result = summary.final, summary.result
+    lines = [f"done: {result.steps} steps; checkpoint {result.checkpoint_dir}"]
+    if result.skipped_images:
+        lines.append(f"skipped {result.skipped_images} unreadable image(s) (logged as skipped_images)")
+    if "knn_top1" in final.metrics:
+        lines.append(
+            f"kNN top-1 (k=20): pretrained teacher {final.metrics['knn_top1']:.1f}%  vs  random initialisation "
+            f"{final.random_init.get('knn_top1', float('nan')):.1f}%   (linear probe {final.metrics.get('linear_probe_top1', float('nan')):.1f}%, "
+            f"prototypes in use {final.metrics.get('prototypes_in_use', float('nan')):.0f})"
+        )
+    lines.append(f"MLflow run {summary.mlflow_run_id} in {summary.tracking_uri}")
+    lines.append(f"open it with: {ui_command(summary.tracking_uri)}")
+    if summary.export_path:
+        lines.append(f"teacher backbone: {summary.export_path}")
+    return lines
+

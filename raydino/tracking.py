@@ -1,0 +1,163 @@
+"""MLflow tracking: the only module that imports MLflow.
+
+The driver resolves the tracking URI, checks that the store answers (before any
+training), creates the experiment and the run; rank 0 of the training workers logs
+metrics to that run by id through ``RunLogger``; the driver logs artifacts and ends
+the run with its final status.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.time import get_current_time_millis
+
+DEFAULT_DB = "mlflow.db"
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+_BATCH = 900  # below MLflow's 1000-item log_batch limit
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which URI and what to do."""
+
+
+def resolve_tracking_uri(uri: str | None = None, workdir: str | os.PathLike[str] | None = None) -> str:
+    """config value, else MLFLOW_TRACKING_URI, else an absolute sqlite file in the working directory.
+
+    Absolute, because Ray Tune changes each trial's working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            path = Path(uri.removeprefix("sqlite:///"))
+            if not path.is_absolute():
+                uri = f"sqlite:///{(Path(workdir or os.getcwd()) / path).resolve()}"
+        return uri
+    return f"sqlite:///{(Path(workdir or os.getcwd()) / DEFAULT_DB).resolve()}"
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail now, with an actionable message, if the store cannot be reached or written."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.parent.is_dir():
+            raise TrackingError(f"MLflow store {uri}: directory {path.parent} does not exist; create it or set tracking.uri")
+        if not os.access(path.parent, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: directory {path.parent} is not writable; set tracking.uri")
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s)))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # connection errors, HTTP errors, bad URIs all mean the same to the user
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is unreachable ({type(exc).__name__}: {str(exc)[:300]}). "
+            "Start one with `mlflow server --host 127.0.0.1 --port 5000`, or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at a reachable server, or unset them to use ./mlflow.db."
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently by someone else
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
+
+
+def create_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run holding ``params`` (a flat config) and return its id; it stays RUNNING."""
+    client = MlflowClient(uri)
+    experiment_id = get_or_create_experiment(client, experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run.info.run_id, params=items[i : i + _BATCH])
+    return run.info.run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """Id of the latest run called ``run_name`` in ``experiment`` (to continue it on resume)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+class RunLogger:
+    """Logs to one existing run by id; cheap to construct on a training worker."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = get_current_time_millis()
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of one metric, in step order."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
+    def end(self, status: str = "FINISHED") -> None:
+        """status: FINISHED, FAILED or KILLED; never leave a run RUNNING."""
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri {uri}"

@@ -1,0 +1,207 @@
+"""The driver of a pretraining run: validate, set up Ray Data and MLflow, fit, evaluate.
+
+Everything that can fail for a user-fixable reason (data path, tracking server, a
+dataset smaller than one batch) is checked before the first worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raydino.config import Config
+from raydino.data.eval_data import load_eval_data
+from raydino.data.pipeline import EpochClock, multicrop_dataset
+from raydino.data.sources import source_from_config
+from raydino.train.loop import train_loop_per_worker
+
+DEFAULT_STORAGE = "raydino_runs"
+
+
+class PretrainError(RuntimeError):
+    """A run that could not start or did not finish; the message says why and what to do."""
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint_dir: Path | None
+    steps: int
+    metrics: dict[str, float]
+    skipped_images: int
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_run_name(cfg: Config) -> str:
+    method = "dino-vmf" if cfg.loss.vmf else "dino"
+    return f"{method}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def required_cpus(cfg: Config) -> float:
+    """Logical CPUs a run needs: train workers + crop actors + one for reading/decoding."""
+    train = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    return train + cfg.data.num_crop_actors * cfg.data.cpus_per_crop_actor + 1
+
+
+def check_data_path(cfg: Config) -> None:
+    """Fail fast on a missing data directory; the sources check its contents when listing."""
+    if cfg.data.source in ("imagefolder", "images"):
+        path = Path(str(cfg.data.path)).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data path {str(path)!r} does not exist or is not a directory; expected "
+                + ("<path>/<class_name>/<images>" if cfg.data.source == "imagefolder" else "a directory of images")
+            )
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to RAY_ADDRESS if set; else start a local Ray sized for this run.
+
+    Logical CPUs are bookkeeping: on a small machine we declare enough for the run to
+    schedule (an under-sized cluster hangs silently instead of failing).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    num_cpus = max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
+    ray.init(num_cpus=num_cpus, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """One progress line per epoch from us instead of Ray Data's per-operator bars."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        worker_failures = getattr(exc, "worker_failures", None)
+        if isinstance(worker_failures, dict) and worker_failures:
+            nxt = next(iter(worker_failures.values()))
+        if nxt is None or nxt is exc:
+            break
+        exc = nxt
+    return exc
+
+
+def _find_message(exc: BaseException, kinds: tuple[str, ...]) -> str | None:
+    text = str(exc)
+    for kind in kinds:
+        i = text.find(kind)
+        if i >= 0:
+            return text[i:].splitlines()[0]
+    return None
+
+
+def run_pretraining(
+    cfg: Config,
+    *,
+    storage_path: str | os.PathLike[str] | None = None,
+    max_failures: int = 1,
+    log: Callable[[str], None] = print,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    run_callbacks: list[Any] | None = None,
+) -> tuple[PretrainResult, Config]:
+    """Fit one TorchTrainer for ``cfg``; resume if a run of the same name exists in storage."""
+    run_name = cfg.tracking.run_name or default_run_name(cfg)
+    storage = Path(storage_path or cfg.checkpoint.storage_path or DEFAULT_STORAGE).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+
+    check_data_path(cfg)  # before Ray starts: a bad path should fail in a second, not after start-up
+    ensure_ray(cfg)
+    source = source_from_config(cfg.data, "train", cfg.seed)
+    world = cfg.scaling.num_workers
+    steps_per_epoch = source.num_files // world // cfg.data.batch_size_per_worker
+    if steps_per_epoch < 1:
+        raise PretrainError(
+            f"the dataset has {source.num_files} images, fewer than one global batch "
+            f"({world} workers x data.batch_size_per_worker={cfg.data.batch_size_per_worker}); "
+            "lower data.batch_size_per_worker or scaling.num_workers"
+        )
+    eval_data = load_eval_data(cfg)
+    clock = EpochClock.remote()
+    dataset = multicrop_dataset(
+        source.dataset,
+        cfg.data.crops,
+        cfg.seed,
+        cfg.data.num_crop_actors,
+        cfg.data.crop_batch_size,
+        cpus_per_actor=cfg.data.cpus_per_crop_actor,
+        epoch_clock=clock,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "steps_per_epoch": steps_per_epoch,
+            "epoch_clock": clock,
+            "eval_data": eval_data,
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=world,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=run_callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+    log(
+        f"raydino: run {run_name!r}: {cfg.model.name}, {source.num_files} images, {world} workers x "
+        f"{cfg.data.batch_size_per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; "
+        f"checkpoints in {storage / run_name}"
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the one the user can act on
+        root = _root_cause(exc)
+        message = _find_message(exc, ("TrainingDiverged", "loss is nan", "loss is inf")) or f"{type(root).__name__}: {root}"
+        raise PretrainError(f"training failed: {message}\n(full logs: {storage / run_name})") from exc
+    finally:
+        ray.kill(clock)
+    if result.error is not None:
+        raise PretrainError(f"training failed: {result.error}")
+    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    metrics = dict(result.metrics or {})
+    return (
+        PretrainResult(
+            run_name=run_name,
+            run_dir=storage / run_name,
+            checkpoint_dir=checkpoint_dir,
+            steps=int(metrics.get("step", 0)),
+            metrics=metrics,
+            skipped_images=source.skipped.count(),
+            mlflow_run_id=mlflow_run_id,
+            tracking_uri=tracking_uri,
+        ),
+        cfg,
+    )
+

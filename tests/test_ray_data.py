@@ -1,0 +1,181 @@
+"""Ray Data sources and the multi-crop stage, on a 2-CPU local Ray started once per session."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from raydino.config import CropsConfig  # noqa: E402
+from raydino.data.augment import crop_names  # noqa: E402
+from raydino.data.embedded import ArrayDataset  # noqa: E402
+from raydino.data.pipeline import MultiCropStage, multicrop_dataset  # noqa: E402
+from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset  # noqa: E402
+
+CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One Ray instance for the whole session: ``ray.init`` costs several seconds here."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _save(path: Path, shape: tuple[int, ...], value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(shape, value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> tuple[Path, set[tuple[tuple[int, ...], int]]]:
+    """Classes ant/bee/cat; ant holds only a corrupt .jpg, so a bad file must not shift bee=1, cat=2.
+
+    Every good image has a unique size, so (shape, label) pairs identify them.
+    """
+    root = tmp_path / "folder"
+    (root / "ant").mkdir(parents=True)
+    (root / "ant" / "corrupt.jpg").write_bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes())
+    _save(root / "bee" / "b0.png", (10, 12, 3), 10)  # RGB PNG
+    _save(root / "bee" / "b1.jpg", (11, 12, 3), 20)  # RGB JPEG
+    _save(root / "cat" / "c0.png", (12, 12), 30)  # grayscale PNG -> 1 channel
+    _save(root / "cat" / "sub" / "c1.JPEG", (13, 12), 40)  # nested, upper-case extension, grayscale JPEG
+    (root / "cat" / "notes.txt").write_text("not an image: ignored, not counted as skipped")
+    _save(root / "stray.png", (5, 5, 3), 0)  # not in a class directory: ignored
+    expected = {((3, 10, 12), 1), ((3, 11, 12), 1), ((1, 12, 12), 2), ((1, 13, 12), 2)}
+    return root, expected
+
+
+@pytest.mark.timeout(60)
+def test_imagefolder_labels_and_skipped_corrupt_file(ray_session: None, imagefolder) -> None:
+    root, expected = imagefolder
+    source = imagefolder_dataset(root)
+    assert source.classes == ("ant", "bee", "cat")
+    rows = source.dataset.take_all()
+    assert {(row["image"].shape, int(row["label"])) for row in rows} == expected
+    assert len(rows) == len(expected)
+    assert all(row["image"].dtype == np.uint8 for row in rows)
+    assert len({int(row["key"]) for row in rows}) == len(rows)
+    assert source.skipped.count() == 1
+    assert source.skipped.paths() == [str((root / "ant" / "corrupt.jpg").resolve())]
+    source.dataset.take_all()  # a second epoch re-reads the file but does not count it twice
+    assert source.skipped.count() == 1
+
+
+@pytest.mark.timeout(60)
+def test_image_directory_is_recursive_unlabelled_and_skips_truncated(ray_session: None, tmp_path: Path) -> None:
+    _save(tmp_path / "a.png", (9, 9, 3), 50)
+    _save(tmp_path / "deep" / "er" / "b.jpg", (10, 9, 3), 60)
+    _save(tmp_path / "t.jpg", (64, 64, 3), 70)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG: opens, fails to decode
+    source = image_directory_dataset(tmp_path)
+    rows = source.dataset.take_all()
+    assert sorted(row["image"].shape for row in rows) == [(3, 9, 9), (3, 10, 9)]
+    assert {int(row["label"]) for row in rows} == {-1}
+    assert source.skipped.count() == 1
+
+
+@pytest.mark.timeout(30)
+def test_missing_and_empty_paths_fail_at_once_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    for build in (imagefolder_dataset, image_directory_dataset):
+        with pytest.raises(FileNotFoundError, match="nope.*does not exist; expected"):
+            build(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty.*no class subdirectories.*<class_name>"):
+        imagefolder_dataset(empty)
+    with pytest.raises(FileNotFoundError, match=r"empty.*no image files"):
+        image_directory_dataset(empty)
+    (empty / "cls").mkdir()
+    (empty / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"empty.*no image files.*class directories"):
+        imagefolder_dataset(empty)
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"file\.png.*not a directory"):
+        imagefolder_dataset(a_file)
+
+
+def _arrays(n: int = 24) -> ArrayDataset:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n, 1, 20, 20), dtype=np.uint8)  # grayscale, like digits / fashion-mnist
+    return ArrayDataset(images, np.arange(n, dtype=np.int64) % 3, ("a", "b", "c"))
+
+
+def _crop_digests(ds: ray.data.Dataset) -> list[tuple[int, str]]:
+    """(label, digest of all crops) per row, sorted: compares runs whatever the row order."""
+    out = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["label"])):
+            h = hashlib.sha1()
+            for name in crop_names(CROPS.local_number):
+                h.update(batch[name][i].tobytes())
+            out.append((int(batch["label"][i]), h.hexdigest()))
+    return sorted(out)
+
+
+@pytest.mark.timeout(60)
+def test_multicrop_columns_shapes_dtype(ray_session: None, imagefolder) -> None:
+    root, expected = imagefolder
+    ds = multicrop_dataset(imagefolder_dataset(root).dataset, CROPS, seed=0, num_actors=1, batch_size=3)
+    batch = ds.take_batch(batch_size=10, batch_format="numpy")
+    names = crop_names(CROPS.local_number)
+    assert set(batch) == set(names) | {"label"}
+    for name in names:
+        size = CROPS.global_size if name.startswith("global") else CROPS.local_size
+        assert batch[name].shape == (len(expected), 3, size, size)  # grayscale became 3 channels
+        assert batch[name].dtype == np.uint8
+    assert batch["label"].dtype == np.int64
+    assert sorted(batch["label"].tolist()) == sorted(label for _, label in expected)
+
+
+@pytest.mark.timeout(60)
+def test_multicrop_same_seed_same_crops_twice(ray_session: None) -> None:
+    data = _arrays()
+    source = array_dataset(data, rows_per_block=7)
+    first = _crop_digests(multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=1, batch_size=8))
+    assert len(first) == len(data)
+    # Second run: shuffled and batched differently; crops follow the row key, not order or batch composition.
+    shuffled = source.dataset.random_shuffle(seed=5)
+    again = _crop_digests(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5))
+    assert again == first
+
+
+@pytest.mark.timeout(30)
+def test_multicrop_stage_seeds_per_row_from_seed_epoch_and_key() -> None:
+    """The actor's callable, in process: seed and epoch change the crops, batching and order do not."""
+    data = _arrays(6)
+    batch = {"image": data.images, "label": data.labels, "key": np.arange(6, dtype=np.int64)}
+    out = MultiCropStage(CROPS, seed=3)(batch)
+    perm = np.array([4, 1, 5, 0, 2, 3])
+    permuted = MultiCropStage(CROPS, seed=3)({k: v[perm] for k, v in batch.items()})
+    halves = [MultiCropStage(CROPS, seed=3)({k: v[s] for k, v in batch.items()}) for s in (slice(0, 2), slice(2, 6))]
+    other_seed = MultiCropStage(CROPS, seed=4)(batch)
+    other_epoch = MultiCropStage(CROPS, seed=3, epoch=1)(batch)
+    for name in crop_names(CROPS.local_number):
+        np.testing.assert_array_equal(permuted[name], out[name][perm])
+        np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), out[name])
+        assert not np.array_equal(other_seed[name], out[name])
+        assert not np.array_equal(other_epoch[name], out[name])
+    np.testing.assert_array_equal(out["label"], data.labels)
+    empty = MultiCropStage(CROPS, seed=3)({k: v[:0] for k, v in batch.items()})
+    assert empty["global_0"].shape == (0, 3, CROPS.global_size, CROPS.global_size)
