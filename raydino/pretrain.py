@@ -22,7 +22,7 @@ from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_proto
 from raydino.eval.prototypes import kappa_statistics, prototype_utilisation
 from raydino.export import export_backbone, load_teacher
 from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
-from raydino.train.driver import PretrainResult, default_run_name, run_pretraining
+from raydino.train.driver import PretrainResult, check_data_path, default_run_name, run_pretraining
 
 
 @dataclass
@@ -76,6 +76,7 @@ def pretrain(
     max_failures: int = 1,
     log: Callable[[str], None] = print,
 ) -> PretrainSummary:
+    check_data_path(cfg)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)
     run_name = cfg.tracking.run_name or default_run_name(cfg)

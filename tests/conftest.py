@@ -1,12 +1,37 @@
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """One local Ray for the whole session (``ray.init`` costs several seconds here).
+
+    Logical CPUs cover 2 train workers, a crop actor and read tasks on this 2-core machine.
+    Yields the address, so subprocesses can join the same instance.
+    """
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=5, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

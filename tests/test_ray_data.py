@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 import ray.data  # noqa: E402
@@ -23,20 +19,6 @@ from raydino.data.pipeline import MultiCropStage, multicrop_dataset  # noqa: E40
 from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset  # noqa: E402
 
 CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One Ray instance for the whole session: ``ray.init`` costs several seconds here."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _save(path: Path, shape: tuple[int, ...], value: int) -> None:

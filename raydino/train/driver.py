@@ -7,6 +7,7 @@ dataset smaller than one batch) is checked before the first worker starts.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import EpochClock, multicrop_dataset
 from raydino.data.sources import source_from_config
-from raydino.train.loop import train_loop_per_worker
+from raydino.train.loop import TrainingDiverged, train_loop_per_worker
 
 DEFAULT_STORAGE = "raydino_runs"
 
@@ -90,26 +91,21 @@ def quiet_ray_data() -> None:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        nxt = getattr(exc, "cause", None) or exc.__cause__
-        worker_failures = getattr(exc, "worker_failures", None)
-        if isinstance(worker_failures, dict) and worker_failures:
-            nxt = next(iter(worker_failures.values()))
-        if nxt is None or nxt is exc:
-            break
-        exc = nxt
+    """The first worker's exception inside Ray's wrappers, when there is one."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return getattr(inner, "cause", None) or inner.__cause__ or inner
     return exc
 
 
-def _find_message(exc: BaseException, kinds: tuple[str, ...]) -> str | None:
-    text = str(exc)
-    for kind in kinds:
-        i = text.find(kind)
-        if i >= 0:
-            return text[i:].splitlines()[0]
-    return None
+def _diverged_message(exc: BaseException) -> str | None:
+    """The TrainingDiverged message a worker raised, from the exception or its traceback text."""
+    root = _root_cause(exc)
+    if isinstance(root, TrainingDiverged):
+        return str(root)
+    match = re.search(r"TrainingDiverged: (.+)", str(exc)) or re.search(r"TrainingDiverged: (.+)", str(root))
+    return match.group(1) if match else None
 
 
 def run_pretraining(
@@ -183,7 +179,7 @@ def run_pretraining(
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the one the user can act on
         root = _root_cause(exc)
-        message = _find_message(exc, ("TrainingDiverged", "loss is nan", "loss is inf")) or f"{type(root).__name__}: {root}"
+        message = _diverged_message(exc) or f"{type(root).__name__}: {str(root)[-2000:]}"
         raise PretrainError(f"training failed: {message}\n(full logs: {storage / run_name})") from exc
     finally:
         ray.kill(clock)

@@ -169,8 +169,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if "knn_top1" in epoch_metrics:
                 line += f"  kNN top-1 {epoch_metrics['knn_top1']:.1f}%  prototypes in use {epoch_metrics['prototypes_in_use']:.0f}"
             print(line + f"  ({epoch_metrics['epoch_seconds']:.0f} s)", flush=True)
-            if logger is not None:
-                logger.log_metrics(epoch_metrics, step)
+            if logger is not None:  # per-step metrics were logged already; add what the epoch adds
+                logger.log_metrics({k: v for k, v in epoch_metrics.items() if k not in metrics}, step)
         epoch += 1
         batch_in_epoch = 0
         save_and_report(epoch_metrics)

@@ -1,0 +1,183 @@
+"""End to end on Ray: 2 gloo workers, Ray Data multi-crop, MLflow in a fresh sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from safetensors import safe_open
+
+from raydino.cli import main
+from raydino.config import load_config
+from raydino.eval.evaluate import extract
+from raydino.export import load_teacher
+from raydino.pretrain import pretrain
+from raydino.tracking import TrackingError
+
+TINY = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "head.num_prototypes=64",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=16",
+    "data.crops.local_number=2",
+    "data.batch_size_per_worker=16",
+    "data.crop_batch_size=32",
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "loss.warmup_teacher_temp_epochs=0",
+    "eval.max_images=120",
+    "tracking.log_every_steps=2",
+]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(overrides=[*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
+
+
+@pytest.mark.timeout(300)
+def test_pretrain_tracks_params_metrics_artifacts_and_exports(ray_session, tmp_path):
+    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e")
+    summary = pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None)
+    steps_per_epoch = 1347 // 2 // 16
+    assert summary.result.steps == 2 * steps_per_epoch
+
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    assert run.data.params["loss.vmf"] == "True" and run.data.params["head.num_prototypes"] == "64"
+    for key in ("loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy",
+                "mean_target_entropy", "kappa_student_q50", "kappa_teacher_q95", "knn_top1", "prototypes_in_use",
+                "final_knn_top1", "final_linear_probe_top1", "random_init_knn_top1"):
+        assert key in run.data.metrics, key
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) == summary.result.steps // 2 and all(np.isfinite(m.value) for m in losses)
+    assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2  # once per epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "model", "checkpoint"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"kappa_histogram.png", "prototype_usage.png", "loss_curve.png"} <= plots
+
+    # the exported backbone loads into timm and reproduces the checkpoint teacher's features
+    export = summary.export_path
+    with safe_open(str(export), "pt") as f:
+        meta = f.metadata()
+    kwargs = json.loads(meta["raydino_timm_kwargs"])
+    model = timm.create_model(meta["raydino_model"], pretrained=True, pretrained_cfg_overlay={"file": str(export)}, **kwargs)
+    teacher, _, _ = load_teacher(summary.result.checkpoint_dir)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    expected, _ = extract(teacher, images)
+    from raydino.engine import normalize_crops
+
+    with torch.no_grad():
+        got = model.eval()(normalize_crops([torch.from_numpy(images)], "cpu")[0])
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.timeout(400)
+def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
+    storage = tmp_path / "runs"
+    overrides = [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "optim.epochs=3", "tracking.run_name=resume",
+                 "eval.every_epochs=0", "loss.vmf=false"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raydino.cli", "pretrain", "--storage", str(storage), *overrides],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    checkpoints: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None and not checkpoints:
+        checkpoints = sorted((storage / "resume").glob("checkpoint_*/state.pt"))
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert checkpoints, (tmp_path / "first.log").read_text()[-3000:]
+    first_step = int(checkpoints[0].parent.name.split("_")[1])
+    steps_per_epoch = 1347 // 2 // 16
+    assert first_step == steps_per_epoch
+
+    lines: list[str] = []
+    cfg = load_config(overrides=overrides)
+    time.sleep(2)  # let Ray release the killed driver's workers
+    summary = pretrain(cfg, storage_path=storage, log=lines.append)
+    assert summary.result.steps == 3 * steps_per_epoch
+    client = MlflowClient(summary.tracking_uri)
+    history = [m.step for m in client.get_metric_history(summary.mlflow_run_id, "loss")]
+    # the resumed run logged steps after the checkpoint only once: no restart from zero
+    assert len(history) == len(set(history))
+    assert max(history) == 3 * steps_per_epoch - (3 * steps_per_epoch) % 2
+    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("raydino").experiment_id])) == 1
+
+
+def _imagefolder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for i in range(40):
+            img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            img[:, :, c] = 255
+            path = root / f"class{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+    (root / "class1" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_path):
+    root = _imagefolder(tmp_path / "folder")
+    cfg = _cfg(tmp_path, "optim.epochs=1", "data.source=imagefolder", f"data.path={root}",
+               "data.batch_size_per_worker=8", "tracking.run_name=folder")
+    summary = pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None)
+    assert summary.result.skipped_images == 1
+    assert summary.result.steps == 81 // 2 // 8
+    run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
+    assert run.data.metrics["skipped_images"] == 1
+
+
+def test_missing_path_fails_fast_with_its_name(tmp_path, capsys):
+    started = time.monotonic()
+    code = main(["pretrain", "--data", str(tmp_path / "nope"), f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    assert code == 2 and time.monotonic() - started < 20
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "does not exist" in err
+
+
+def test_unreachable_tracking_server_fails_at_start(tmp_path, capsys):
+    started = time.monotonic()
+    code = main(["pretrain", "tracking.uri=http://127.0.0.1:9"])
+    assert code == 1 and time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "unreachable" in err and "mlflow server" in err
+
+
+def test_tracking_error_type():
+    from raydino.tracking import check_tracking
+
+    with pytest.raises(TrackingError, match="does not exist"):
+        check_tracking("sqlite:////nonexistent-dir/mlflow.db")
+
+
+@pytest.mark.timeout(300)
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(ray_session, tmp_path):
+    from raydino.train.driver import PretrainError
+
+    # LayerScale initialised at 1e30 overflows the first LayerNorm: a loss that is NaN from step 0
+    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=nan", "eval.every_epochs=0",
+               "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, init_values: 1.0e+30}")
+    with pytest.raises(PretrainError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
+        pretrain(cfg, storage_path=tmp_path / "runs", max_failures=0, log=lambda _: None)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("raydino")
+    assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
