@@ -48,8 +48,15 @@ def test_loss_matches_loop_reference_over_steps(mode, vmf):
 
 def test_loss_rejects_too_few_student_crops():
     student, teacher = _crops(n_local=0)
-    with pytest.raises(ValueError, match="more crops"):
-        DINOLoss(K, P)(student, teacher, 0.1, 0.04)
+    with pytest.raises(ValueError, match="every teacher crop"):
+        DINOLoss(K, P)(student[:1], teacher, 0.1, 0.04)
+
+
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+def test_two_global_crops_only(mode):
+    student, teacher = _crops(n_local=0)
+    expected = ReferenceDINO(mode, K)([s.numpy() for s in student], [t.numpy() for t in teacher], 0.1, 0.04)
+    assert DINOLoss(K, P, centering=mode)(student, teacher, 0.1, 0.04).loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_vmf_needs_norms():

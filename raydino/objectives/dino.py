@@ -88,8 +88,8 @@ class DINOLoss(nn.Module):
     ) -> LossOutput:
         """``student_scores``: one (B, K) tensor per crop, global crops first;
         ``teacher_scores``: one per global crop. Updates the center after the loss."""
-        if len(student_scores) <= len(teacher_scores):
-            raise ValueError("the student must see more crops than the teacher (global + local crops)")
+        if len(student_scores) < len(teacher_scores) or len(student_scores) < 2:
+            raise ValueError("the student must see every teacher crop and at least two crops in all")
         student_correction = self._correction(student_norms, student_temp)
         student_log_probs = [
             torch.log_softmax(scaled_logits(s, student_temp, student_correction), dim=-1) for s in student_scores
