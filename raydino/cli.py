@@ -31,7 +31,46 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--storage", help="where Ray Train keeps checkpoints (default ./raydino_runs)")
     pre.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from a checkpoint")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=5")
+    ev = sub.add_parser(
+        "evaluate",
+        help="kNN / linear probe / prototype usage of a checkpoint's teacher",
+        description="Evaluate the teacher of a checkpoint directory (a checkpoint_* folder of a run) on its "
+        "config's evaluation data, or on an ImageFolder given with --data (split 80/20 into kNN bank and test).",
+    )
+    ev.add_argument("checkpoint", help="a checkpoint_* directory written by raydino pretrain")
+    ev.add_argument("--data", help="an ImageFolder directory to evaluate on instead")
+    ex = sub.add_parser(
+        "export",
+        help="write the teacher backbone as a timm-loadable .safetensors file",
+        description="Export the teacher backbone of a checkpoint; load it with timm.create_model(name, "
+        "pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **kwargs) using the printed name and kwargs.",
+    )
+    ex.add_argument("checkpoint", help="a checkpoint_* directory written by raydino pretrain")
+    ex.add_argument("out", help="output file, e.g. backbone.safetensors")
     return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from raydino.pretrain import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data)
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4g}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from raydino.export import export_backbone, load_checkpoint_config, timm_kwargs
+
+    out = export_backbone(args.checkpoint, args.out)
+    cfg = load_checkpoint_config(args.checkpoint)
+    print(f"wrote {out}")
+    print(
+        f"load with: timm.create_model({cfg.model.name!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(out)!r}), **{timm_kwargs(cfg)!r})"
+    )
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -62,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "export":
+            return _export(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2

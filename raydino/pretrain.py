@@ -60,6 +60,23 @@ def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> Fina
     return FinalEvaluation(metrics, random_init)
 
 
+def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], data_path: str | None = None) -> dict[str, float]:
+    """Teacher metrics of a checkpoint, on its own evaluation data or on an ImageFolder."""
+    teacher, cfg, _ = load_teacher(checkpoint_dir)
+    if data_path is not None:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"train_path": data_path, "test_path": data_path})})
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "imagefolder", "path": data_path})})
+    eval_data = load_eval_data(cfg, split_same_folder=data_path is not None)
+    if eval_data is None:
+        raise FileNotFoundError(
+            f"no evaluation data for data.source={cfg.data.source!r}; pass --data <ImageFolder directory>"
+        )
+    metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True)
+    for key, value in kappa_statistics(teacher.head.prototype_norms().detach(), cfg.loss.teacher_temp).items():
+        metrics[f"kappa_teacher_{key}"] = value
+    return metrics
+
+
 @dataclass
 class PretrainSummary:
     result: PretrainResult

@@ -84,6 +84,20 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(ray_session, tmp_p
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.timeout(120)
+def test_cli_evaluate_and_export(ray_session, tmp_path, capsys):
+    cfg = _cfg(tmp_path, "optim.epochs=1", "tracking.run_name=cli", "eval.every_epochs=0")
+    checkpoint = pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None).result.checkpoint_dir
+    capsys.readouterr()
+    assert main(["evaluate", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "knn_top1_k20" in out and "linear_probe_top1" in out and "kappa_teacher_q50" in out
+    assert main(["export", str(checkpoint), str(tmp_path / "b.safetensors")]) == 0
+    assert "pretrained_cfg_overlay" in capsys.readouterr().out and (tmp_path / "b.safetensors").stat().st_size > 0
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a raydino checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(400)
 def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
     storage = tmp_path / "runs"
@@ -144,6 +158,11 @@ def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_p
     assert summary.result.steps == 81 // 2 // 8
     run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
     assert run.data.metrics["skipped_images"] == 1
+    # the same folder evaluates a checkpoint (80/20 split into kNN bank and test set)
+    from raydino.pretrain import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(summary.result.checkpoint_dir, str(root))
+    assert 0.0 <= metrics["knn_top1"] <= 100.0 and metrics["prototypes_in_use"] >= 1
 
 
 def test_missing_path_fails_fast_with_its_name(tmp_path, capsys):

@@ -37,8 +37,19 @@ def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np
     return rows["image"], rows["label"], len(source.classes)
 
 
-def load_eval_data(cfg: Config) -> EvalData | None:
-    """The evaluation split for the configured source; None when there is none to use."""
+def _split(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """A fixed stratified 80/20 split of one labelled folder into kNN bank and test set."""
+    from sklearn.model_selection import train_test_split
+
+    stratify = labels if np.bincount(labels).min() >= 2 else None
+    return tuple(train_test_split(images, labels, test_size=0.2, random_state=seed, stratify=stratify))
+
+
+def load_eval_data(cfg: Config, split_same_folder: bool = False) -> EvalData | None:
+    """The evaluation split for the configured source; None when there is none to use.
+
+    ``split_same_folder``: eval.train_path is one labelled folder to split 80/20.
+    """
     limit, seed, size = cfg.eval.max_images, cfg.seed, cfg.data.crops.global_size
     if cfg.data.source in ("digits", "fashion_mnist"):
         if cfg.data.source == "digits":
@@ -52,6 +63,10 @@ def load_eval_data(cfg: Config) -> EvalData | None:
             train_x = resize(torch.from_numpy(train_x)).numpy()
             test_x = resize(torch.from_numpy(test_x)).numpy()
         return EvalData(train_x, train_y, test_x, test_y, len(train.classes))
+    if split_same_folder and cfg.eval.train_path:
+        images, labels, n_classes = _imagefolder_arrays(cfg.eval.train_path, size, 2 * limit, seed)
+        train_x, test_x, train_y, test_y = _split(images, labels, seed)
+        return EvalData(train_x, train_y, test_x, test_y, n_classes)
     if cfg.eval.train_path and cfg.eval.test_path:
         train_x, train_y, n_classes = _imagefolder_arrays(cfg.eval.train_path, size, limit, seed)
         test_x, test_y, _ = _imagefolder_arrays(cfg.eval.test_path, size, limit, seed + 1)
