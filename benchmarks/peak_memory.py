@@ -2,7 +2,7 @@
 
     python benchmarks/peak_memory.py -- raydino pretrain
 
-Samples the process tree every 0.2 s. RSS counts pages shared between processes (the
+Samples the process tree every second (reading USS is itself costly). RSS counts pages shared between processes (the
 Ray object store, shared libraries) once per process, so the sum overstates; USS (memory
 unique to each process) understates. Both are printed.
 """
@@ -44,7 +44,7 @@ def main() -> int:
         while not done.is_set():
             rss, uss = _tree_memory(root)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], uss)
-            time.sleep(0.2)
+            time.sleep(1.0)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()

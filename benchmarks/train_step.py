@@ -25,7 +25,6 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from ray.data.extensions import ArrowTensorArray  # noqa: E402
-from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from raydino.config import load_config  # noqa: E402
 from raydino.data.augment import MultiCrop  # noqa: E402
@@ -33,7 +32,7 @@ from raydino.data.embedded import load_digits  # noqa: E402
 from raydino.data.pipeline import EpochClock  # noqa: E402
 from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops  # noqa: E402
 from raydino.tracking import create_run  # noqa: E402
-from raydino.train.loop import train_loop_per_worker  # noqa: E402
+from raydino.train.driver import build_trainer  # noqa: E402
 
 
 def premade_crops(cfg, n_images: int) -> dict[str, np.ndarray]:
@@ -67,9 +66,10 @@ def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: st
     uri = f"sqlite:///{workdir}/mlflow.db"
     run_id = create_run(uri, "bench", "train_step", {})
     clock = EpochClock.remote()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = build_trainer(
+        cfg,
+        ds,
+        {
             "config": cfg.model_dump(mode="json"),
             "steps_per_epoch": steps,
             "epoch_clock": clock,
@@ -77,10 +77,7 @@ def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: st
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
         },
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="train_step_bench", storage_path=workdir),
-        datasets={"train": ds},
+        ray.train.RunConfig(name="train_step_bench", storage_path=workdir),
     )
     trainer.fit()
     history = MlflowClient(uri).get_metric_history(run_id, "epoch_seconds")

@@ -231,7 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "centering": "probability",
             "warmup_teacher_temp": 0.04,
             "teacher_temp": 0.07,
-            "warmup_teacher_temp_epochs": 5,
+            "warmup_teacher_temp_epochs": 2,
         },
         "data": {
             "source": "digits",
@@ -245,10 +245,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
         },
         "optim": {
-            "epochs": 20,
+            "epochs": 6,
             "base_lr": 2e-3,
             "min_lr": 1e-5,
-            "warmup_epochs": 2,
+            "warmup_epochs": 1,
             "freeze_last_layer_epochs": 1,
             "momentum_teacher": 0.99,
             "weight_decay": 0.04,

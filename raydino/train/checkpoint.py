@@ -7,11 +7,13 @@ half-written checkpoint that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -20,24 +22,13 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only once fully written and synced."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,8 +55,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_checkpoint(directory: Path, state: dict[str, Any], config_yaml: str) -> Path:
     """Write ``state.pt`` and ``config.yaml`` atomically into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(state, directory / STATE_FILE)
-    atomic_write_bytes(directory / CONFIG_FILE, config_yaml.encode())
+    with atomic_file(directory / STATE_FILE) as f:
+        torch.save(state, f)
+    with atomic_file(directory / CONFIG_FILE) as f:
+        f.write(config_yaml.encode())
     return directory
 
 

@@ -108,6 +108,24 @@ def _diverged_message(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+def build_trainer(
+    cfg: Config, dataset: ray.data.Dataset, loop_config: dict[str, Any], run_config: ray.train.RunConfig
+) -> TorchTrainer:
+    """The TorchTrainer for ``train_loop_per_worker`` with the config's scaling (gloo on CPU, NCCL on GPU)."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=run_config,
+        datasets={"train": dataset},
+    )
+
+
 def run_pretraining(
     cfg: Config,
     *,
@@ -145,9 +163,10 @@ def run_pretraining(
         cpus_per_actor=cfg.data.cpus_per_crop_actor,
         epoch_clock=clock,
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = build_trainer(
+        cfg,
+        dataset,
+        {
             "config": cfg.model_dump(mode="json"),
             "steps_per_epoch": steps_per_epoch,
             "epoch_clock": clock,
@@ -155,20 +174,14 @@ def run_pretraining(
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=world,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
+        ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=run_callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch lines, not per-report INFO
         ),
-        datasets={"train": dataset},
     )
     log(
         f"raydino: run {run_name!r}: {cfg.model.name}, {source.num_files} images, {world} workers x "
