@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from raydino.config import PRESETS, ConfigError, load_config
@@ -47,7 +48,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("checkpoint", help="a checkpoint_* directory written by raydino pretrain")
     ex.add_argument("out", help="output file, e.g. backbone.safetensors")
+    cmp = sub.add_parser(
+        "compare",
+        help="group MLflow runs by params and tabulate their metrics (markdown or CSV) with plots",
+        description="Read runs with MLflow's search API, group them by params (e.g. --group-by loss.vmf "
+        "head.norm_last_layer), print mean, std and count of each metric per group, and write bar plots.",
+    )
+    cmp.add_argument("--experiment", default="raydino", help="MLflow experiment name (default: raydino)")
+    cmp.add_argument("--parent", help="only the child runs of this parent run id (a sweep)")
+    cmp.add_argument("--group-by", nargs="*", default=[], metavar="KEY", help="config keys to group by")
+    cmp.add_argument("--metric", nargs="*", default=None, metavar="NAME", help="metrics (default: final kNN, probe ...)")
+    cmp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    cmp.add_argument("--plots", default="compare_plots", help="directory for the PNG plots ('' to skip)")
+    cmp.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from raydino.compare import DEFAULT_METRICS, compare_runs, to_csv, to_markdown, write_plots
+    from raydino.tracking import check_tracking, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
+    comparison = compare_runs(uri, args.experiment, args.group_by, args.metric or DEFAULT_METRICS, args.parent)
+    print((to_markdown(comparison) if args.format == "markdown" else to_csv(comparison)).rstrip("\n"))
+    if args.plots:
+        for path in write_plots(comparison, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -98,6 +126,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on every start
     try:
         if args.command == "pretrain":
             return _pretrain(args)
@@ -105,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "export":
             return _export(args)
-    except (ConfigError, FileNotFoundError) as exc:
+        if args.command == "compare":
+            return _compare(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,7 +17,7 @@ from raydino.config import Config
 from raydino.data.augment import MultiCrop
 from raydino.data.embedded import ArrayDataset, load_digits, load_fashion_mnist
 from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops
-from raydino.eval.knn import knn_top1
+from raydino.eval.evaluate import EvalData, evaluate_network
 from raydino.models import MultiCropNetwork
 
 
@@ -42,25 +41,9 @@ def load_embedded(cfg: Config, split: str) -> ArrayDataset:
     raise ValueError(f"the single-process run takes data.source=digits or fashion_mnist, not {cfg.data.source!r}")
 
 
-@torch.no_grad()
-def backbone_features(network: MultiCropNetwork, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Teacher [CLS] features of whole (uncropped) images."""
-    network.eval()
-    out = [
-        network.backbone(normalize_crops([torch.from_numpy(images[i : i + batch_size])], "cpu")[0])
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out)
-
-
 def knn_accuracy(network: MultiCropNetwork, train: ArrayDataset, test: ArrayDataset) -> float:
-    return knn_top1(
-        backbone_features(network, train.images),
-        torch.from_numpy(train.labels),
-        backbone_features(network, test.images),
-        torch.from_numpy(test.labels),
-        num_classes=len(train.classes),
-    )
+    data = EvalData(train.images, train.labels, test.images, test.labels, len(train.classes))
+    return evaluate_network(network, data, ks=(20,))["knn_top1"]
 
 
 def _print(line: str) -> None:

@@ -70,12 +70,20 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
                 os.environ[k] = v
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (``mlartifacts/``), not in whatever the working directory is;
+    a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
     except mlflow.exceptions.MlflowException:  # created concurrently by someone else
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -156,6 +164,30 @@ class RunLogger:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+
+def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Every run of an experiment (or the children of one parent) as flat dicts:
+    ``run_id``, ``run_name``, ``status``, ``params.<key>``, ``metrics.<key>``, ``tags.<key>``."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments(max_results=50))
+        raise TrackingError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {names or 'none'}")
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
+        for run in page:
+            row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status}
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return rows
 
 
 def ui_command(uri: str) -> str:

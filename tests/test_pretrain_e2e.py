@@ -63,6 +63,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(ray_session, tmp_p
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) == summary.result.steps // 2 and all(np.isfinite(m.value) for m in losses)
     assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2  # once per epoch
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in the working directory
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "model", "checkpoint"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -25,7 +25,7 @@ from raydino.eval.evaluate import EvalData, evaluate_network
 from raydino.eval.prototypes import kappa_statistics
 from raydino.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 
-CROP_CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINT_PREFIX = "checkpoint"
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,6 +77,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         loss_fn.load_state_dict(state["loss"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if state["steps_per_epoch"] != steps_per_epoch:  # resumed with another worker count or batch size
+            batch_in_epoch = round(batch_in_epoch * steps_per_epoch / state["steps_per_epoch"])
+            step = epoch * steps_per_epoch + batch_in_epoch  # same progress through the run, same schedules
         last_checkpoint_step = step
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if rank == 0:
@@ -122,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(
                 report,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"{CROP_CHECKPOINT_PREFIX}_{step:08d}",
+                checkpoint_dir_name=f"{CHECKPOINT_PREFIX}_{step:08d}",
             )
         last_checkpoint_step = step
 

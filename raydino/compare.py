@@ -1,0 +1,98 @@
+"""``raydino compare``: group MLflow runs by parameters and tabulate their metrics.
+
+Reads runs through MLflow's search API (any store: sqlite file or server), groups them
+by the chosen params (e.g. ``loss.vmf head.norm_last_layer``), and reports per group the
+mean, standard deviation and count of each metric; writes one bar plot per metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from raydino.tracking import search_runs
+
+DEFAULT_METRICS = ("final_knn_top1", "final_linear_probe_top1", "final_prototypes_in_use", "teacher_entropy")
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame  # one row per group: group keys, runs, then <metric> mean and <metric> std
+    group_by: list[str]
+    metrics: list[str]
+
+
+def compare_runs(
+    uri: str,
+    experiment: str,
+    group_by: Sequence[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    parent_run_id: str | None = None,
+) -> Comparison:
+    runs = pd.DataFrame(search_runs(uri, experiment, parent_run_id))
+    if runs.empty:
+        raise ValueError(f"experiment {experiment!r} has no runs" + (f" under parent {parent_run_id}" if parent_run_id else ""))
+    missing = [k for k in group_by if f"params.{k}" not in runs]
+    if missing:
+        known = sorted(c.removeprefix("params.") for c in runs if c.startswith("params."))
+        raise ValueError(f"no run has param(s) {', '.join(missing)}; known params: {', '.join(known[:40])}")
+    metrics = [m for m in metrics if f"metrics.{m}" in runs] or sorted(
+        c.removeprefix("metrics.") for c in runs if c.startswith("metrics.")
+    )[:6]
+    keys = [f"params.{k}" for k in group_by] or ["run_name"]  # no grouping: one row per run
+    runs[keys] = runs[keys].fillna("-")
+    table = runs.groupby(keys, sort=True).size().rename("runs").to_frame()
+    for m in metrics:
+        by_group = pd.to_numeric(runs[f"metrics.{m}"], errors="coerce").groupby([runs[k] for k in keys])
+        table[f"{m} mean"] = by_group.mean()
+        table[f"{m} std"] = by_group.std(ddof=1)
+    table = table.reset_index()
+    table.columns = [c.removeprefix("params.") for c in table.columns]
+    return Comparison(table, [k.removeprefix("params.") for k in keys], metrics)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(comparison: Comparison) -> str:
+    cols = list(comparison.table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in comparison.table.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(comparison: Comparison) -> str:
+    return comparison.table.to_csv(index=False)
+
+
+def write_plots(comparison: Comparison, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """One PNG per metric: group means with standard-deviation error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison.table
+    labels = [", ".join(f"{k}={row[k]}" for k in comparison.group_by) for _, row in table.iterrows()]
+    paths = []
+    for m in comparison.metrics:
+        fig = Figure(figsize=(max(4, 1.2 * len(labels)), 3.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.bar(range(len(labels)), table[f"{m} mean"], yerr=table[f"{m} std"].fillna(0), capsize=4)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(m)
+        ax.set_title(f"{m} by {', '.join(comparison.group_by)}")
+        path = out / f"compare_{m}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
