@@ -68,7 +68,8 @@ def check_data_path(cfg: Config) -> None:
 
 
 def ensure_ray(cfg: Config) -> None:
-    """Connect to RAY_ADDRESS if set; else start a local Ray sized for this run.
+    """Connect to RAY_ADDRESS or to a Ray already running on this machine; else start a local
+    Ray sized for this run.
 
     Logical CPUs are bookkeeping: on a small machine we declare enough for the run to
     schedule (an under-sized cluster hangs silently instead of failing).
@@ -78,6 +79,12 @@ def ensure_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
+    try:  # a cluster started with `ray start` / `ray up` on this machine
+        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        quiet_ray_data()
+        return
+    except ConnectionError:
+        pass
     num_cpus = max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
     ray.init(num_cpus=num_cpus, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     quiet_ray_data()
