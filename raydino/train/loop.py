@@ -7,6 +7,7 @@ seeds (through the EpochClock), resumable checkpoints, evaluation and logging on
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,16 @@ def _kappa_metrics(student_norms: torch.Tensor, teacher_norms: torch.Tensor, cfg
     return out
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report (metrics dict included) at INFO under a logger named by file
+    path, which LoggingConfig does not reach; our per-epoch line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run by every Ray Train worker. ``loop_config`` is built by ``raydino.train.driver``."""
     cfg = Config.model_validate(loop_config["config"])
@@ -54,6 +65,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_data: EvalData | None = loop_config.get("eval_data")
     tracking_uri, run_id = loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")
 
+    _quiet_report_logs()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
