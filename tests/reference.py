@@ -21,8 +21,8 @@ def logits(z: np.ndarray, tau: float, norms: np.ndarray | None, p: int) -> np.nd
     return out
 
 
-def sinkhorn(l: np.ndarray, iterations: int) -> np.ndarray:
-    q = np.exp(l - l.max()).T  # K x B
+def sinkhorn(logits_: np.ndarray, iterations: int) -> np.ndarray:
+    q = np.exp(logits_ - logits_.max()).T  # K x B
     k, b = q.shape
     q = q / q.sum()
     for _ in range(iterations):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import ray  # noqa: E402
 import ray.data  # noqa: E402
 from PIL import Image  # noqa: E402
