@@ -17,10 +17,11 @@ import torch
 from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
 from raydino.engine import build_models
-from raydino.eval.evaluate import evaluate_network, extract
+from raydino.eval.evaluate import evaluate_network, evaluate_with_usage
 from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
-from raydino.eval.prototypes import kappa_statistics, prototype_utilisation
+from raydino.eval.prototypes import kappa_statistics
 from raydino.export import export_backbone, load_teacher
+from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
 from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
 from raydino.train.driver import PretrainResult, check_data_path, default_run_name, run_pretraining
 
@@ -39,13 +40,14 @@ def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> Fina
     metrics: dict[str, float] = {}
     random_init: dict[str, float] = {}
     if eval_data is not None:
-        metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True)
+        metrics, usage = evaluate_with_usage(
+            teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True
+        )
         torch.manual_seed(cfg.seed)
         _, random_teacher = build_models(cfg)
         random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
-        _, scores = extract(teacher, eval_data.test_images)
-        plot_prototype_usage(prototype_utilisation(scores)["usage"].numpy(), plots_dir / "prototype_usage.png")
-    student_norms = state["student"]["head.last_layer.parametrizations.weight.original0"].squeeze(1).abs()
+        plot_prototype_usage(usage.numpy(), plots_dir / "prototype_usage.png")
+    student_norms = state["student"][LAST_LAYER_PREFIX + PROTOTYPE_GAIN_SUFFIX].squeeze(1).abs()
     teacher_norms = teacher.head.prototype_norms().detach()
     for name, norms, temp in (("student", student_norms, cfg.loss.student_temp), ("teacher", teacher_norms, cfg.loss.teacher_temp)):
         for key, value in kappa_statistics(norms, temp).items():

@@ -59,6 +59,18 @@ def evaluate_network(
     linear_probe: bool = False,
 ) -> dict[str, float]:
     """knn_top1 (k=20) and knn_top1_k{k}, prototypes_in_use and usage entropy on the test split."""
+    return evaluate_with_usage(network, data, device, ks, temperature, linear_probe)[0]
+
+
+def evaluate_with_usage(
+    network: MultiCropNetwork,
+    data: EvalData,
+    device: torch.device | str = "cpu",
+    ks: Sequence[int] = (10, 20, 100),
+    temperature: float = 0.07,
+    linear_probe: bool = False,
+) -> tuple[dict[str, float], Tensor]:
+    """``evaluate_network``'s metrics and the prototype usage histogram (K,), from one feature pass."""
     train_f, _ = extract(network, data.train_images, device)
     test_f, test_scores = extract(network, data.test_images, device)
     train_y, test_y = torch.from_numpy(data.train_labels), torch.from_numpy(data.test_labels)
@@ -71,4 +83,4 @@ def evaluate_network(
     metrics["prototype_usage_entropy"] = float(usage["entropy"])
     if linear_probe:
         metrics["linear_probe_top1"] = linear_probe_top1(train_f, train_y, test_f, test_y)
-    return metrics
+    return metrics, usage["usage"]
