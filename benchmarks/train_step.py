@@ -32,7 +32,7 @@ from raydino.data.embedded import load_digits  # noqa: E402
 from raydino.data.pipeline import EpochClock  # noqa: E402
 from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops  # noqa: E402
 from raydino.tracking import create_run  # noqa: E402
-from raydino.train.driver import build_trainer  # noqa: E402
+from raydino.train.driver import build_trainer, worker_config  # noqa: E402
 
 
 def premade_crops(cfg, n_images: int) -> dict[str, np.ndarray]:
@@ -69,14 +69,7 @@ def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: st
     trainer = build_trainer(
         cfg,
         ds,
-        {
-            "config": cfg.model_dump(mode="json"),
-            "steps_per_epoch": steps,
-            "epoch_clock": clock,
-            "eval_data": None,
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-        },
+        worker_config(cfg, steps, clock, tracking_uri=uri, mlflow_run_id=run_id),
         ray.train.RunConfig(name="train_step_bench", storage_path=workdir),
     )
     trainer.fit()

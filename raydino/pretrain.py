@@ -106,7 +106,7 @@ def pretrain(
         run_id = create_run(uri, cfg.tracking.experiment, run_name, cfg.flat(), tags)
     logger = RunLogger(uri, run_id)
     try:
-        result, cfg = run_pretraining(
+        result = run_pretraining(
             cfg, storage_path=storage_path, max_failures=max_failures, log=log, mlflow_run_id=run_id, tracking_uri=uri
         )
         logger.log_metrics({"skipped_images": result.skipped_images}, result.steps)

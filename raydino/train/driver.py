@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class PretrainResult:
     skipped_images: int
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -115,6 +114,25 @@ def _diverged_message(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+def worker_config(
+    cfg: Config,
+    steps_per_epoch: int,
+    epoch_clock: Any,
+    eval_data: Any = None,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``train_loop_config`` that ``train_loop_per_worker`` reads."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_clock": epoch_clock,
+        "eval_data": eval_data,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": mlflow_run_id,
+    }
+
+
 def build_trainer(
     cfg: Config, dataset: ray.data.Dataset, loop_config: dict[str, Any], run_config: ray.train.RunConfig
 ) -> TorchTrainer:
@@ -142,7 +160,7 @@ def run_pretraining(
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
     run_callbacks: list[Any] | None = None,
-) -> tuple[PretrainResult, Config]:
+) -> PretrainResult:
     """Fit one TorchTrainer for ``cfg``; resume if a run of the same name exists in storage."""
     run_name = cfg.tracking.run_name or default_run_name(cfg)
     storage = Path(storage_path or cfg.checkpoint.storage_path or DEFAULT_STORAGE).expanduser().resolve()
@@ -173,14 +191,7 @@ def run_pretraining(
     trainer = build_trainer(
         cfg,
         dataset,
-        {
-            "config": cfg.model_dump(mode="json"),
-            "steps_per_epoch": steps_per_epoch,
-            "epoch_clock": clock,
-            "eval_data": eval_data,
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id,
-        },
+        worker_config(cfg, steps_per_epoch, clock, eval_data, tracking_uri, mlflow_run_id),
         ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage),
@@ -207,17 +218,14 @@ def run_pretraining(
         raise PretrainError(f"training failed: {result.error}")
     checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
     metrics = dict(result.metrics or {})
-    return (
-        PretrainResult(
-            run_name=run_name,
-            run_dir=storage / run_name,
-            checkpoint_dir=checkpoint_dir,
-            steps=int(metrics.get("step", 0)),
-            metrics=metrics,
-            skipped_images=source.skipped.count(),
-            mlflow_run_id=mlflow_run_id,
-            tracking_uri=tracking_uri,
-        ),
-        cfg,
+    return PretrainResult(
+        run_name=run_name,
+        run_dir=storage / run_name,
+        checkpoint_dir=checkpoint_dir,
+        steps=int(metrics.get("step", 0)),
+        metrics=metrics,
+        skipped_images=source.skipped.count(),
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
     )
 
