@@ -9,6 +9,7 @@ of the learning rate; the resolved config is what gets logged and checkpointed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -392,3 +393,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = _deep_merge(_deep_merge({}, PRESETS[preset]), file_tree)
     return build_config(apply_overrides(tree, overrides or []))
 
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """``cfg`` with dotted keys set to already-typed values (a Tune trial's sample); validated."""
+    tree = cfg.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return build_config(tree)

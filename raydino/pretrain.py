@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from raydino.config import Config
@@ -25,11 +27,14 @@ from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
 from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
 from raydino.train.driver import PretrainResult, check_data_path, default_run_name, run_pretraining
 
+PROTOTYPE_ARRAYS = "eval/prototypes.npz"  # artifact: kappa_student, kappa_teacher, usage (for sweep plots)
+
 
 @dataclass
 class FinalEvaluation:
     metrics: dict[str, float]
     random_init: dict[str, float]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> FinalEvaluation:
@@ -39,6 +44,7 @@ def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> Fina
     eval_data = load_eval_data(cfg)
     metrics: dict[str, float] = {}
     random_init: dict[str, float] = {}
+    arrays: dict[str, np.ndarray] = {}
     if eval_data is not None:
         metrics, usage = evaluate_with_usage(
             teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True
@@ -47,19 +53,18 @@ def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> Fina
         _, random_teacher = build_models(cfg)
         random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
         plot_prototype_usage(usage.numpy(), plots_dir / "prototype_usage.png")
+        arrays["usage"] = usage.numpy()
     student_norms = state["student"][LAST_LAYER_PREFIX + PROTOTYPE_GAIN_SUFFIX].squeeze(1).abs()
     teacher_norms = teacher.head.prototype_norms().detach()
     for name, norms, temp in (("student", student_norms, cfg.loss.student_temp), ("teacher", teacher_norms, cfg.loss.teacher_temp)):
         for key, value in kappa_statistics(norms, temp).items():
             metrics[f"kappa_{name}_{key}"] = value
+    arrays["kappa_student"] = (student_norms / cfg.loss.student_temp).numpy()
+    arrays["kappa_teacher"] = (teacher_norms / cfg.loss.teacher_temp).numpy()
     plot_kappa_histogram(
-        {
-            "student": (student_norms / cfg.loss.student_temp).numpy(),
-            "teacher": (teacher_norms / cfg.loss.teacher_temp).numpy(),
-        },
-        plots_dir / "kappa_histogram.png",
+        {"student": arrays["kappa_student"], "teacher": arrays["kappa_teacher"]}, plots_dir / "kappa_histogram.png"
     )
-    return FinalEvaluation(metrics, random_init)
+    return FinalEvaluation(metrics, random_init, arrays)
 
 
 def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], data_path: str | None = None) -> dict[str, float]:
@@ -94,7 +99,13 @@ def pretrain(
     storage_path: str | os.PathLike[str] | None = None,
     max_failures: int = 1,
     log: Callable[[str], None] = print,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_callbacks: list[Any] | None = None,
 ) -> PretrainSummary:
+    """Train, evaluate, export, and track it all in one MLflow run (a child run when
+    ``parent_run_id`` is given, as in a sweep). A run started again under the same
+    ``tracking.run_name`` continues the same MLflow run and the same Ray Train run."""
     check_data_path(cfg)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)
@@ -102,12 +113,21 @@ def pretrain(
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": run_name, "uri": uri})})
     run_id = find_run(uri, cfg.tracking.experiment, run_name)
     if run_id is None:
-        tags = {"raydino.method": "dino-vmf" if cfg.loss.vmf else "dino", "raydino.source": cfg.data.source}
-        run_id = create_run(uri, cfg.tracking.experiment, run_name, cfg.flat(), tags)
+        all_tags = {"raydino.method": "dino-vmf" if cfg.loss.vmf else "dino", "raydino.source": cfg.data.source}
+        run_id = create_run(uri, cfg.tracking.experiment, run_name, cfg.flat(), {**all_tags, **(tags or {})}, parent_run_id)
     logger = RunLogger(uri, run_id)
+    attempt = logger.reopen()
+    if attempt > 1:
+        log(f"raydino: continuing MLflow run {run_id} (attempt {attempt})")
     try:
         result = run_pretraining(
-            cfg, storage_path=storage_path, max_failures=max_failures, log=log, mlflow_run_id=run_id, tracking_uri=uri
+            cfg,
+            storage_path=storage_path,
+            max_failures=max_failures,
+            log=log,
+            mlflow_run_id=run_id,
+            tracking_uri=uri,
+            run_callbacks=run_callbacks,
         )
         logger.log_metrics({"skipped_images": result.skipped_images}, result.steps)
         final = FinalEvaluation({}, {})
@@ -120,12 +140,16 @@ def pretrain(
                 if history:
                     plot_loss_curve(*zip(*history), plots / "loss_curve.png")
                 logger.log_artifacts(plots, "plots")
+                if final.arrays:
+                    arrays_path = Path(tmp) / Path(PROTOTYPE_ARRAYS).name
+                    np.savez_compressed(arrays_path, **final.arrays)
+                    logger.log_artifact(arrays_path, str(Path(PROTOTYPE_ARRAYS).parent))
                 export_path = export_backbone(result.checkpoint_dir, result.run_dir / "teacher_backbone.safetensors")
                 logger.log_artifact(export_path, "model")
                 logger.log_artifacts(result.checkpoint_dir, "checkpoint")
             logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)
             logger.log_metrics({f"random_init_{k}": v for k, v in final.random_init.items()}, result.steps)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a scheduler stopping a sweep trial
         logger.end("KILLED")
         raise
     except BaseException:

@@ -165,6 +165,27 @@ class RunLogger:
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 
+    def reopen(self) -> int:
+        """Mark a run continued by a restarted trial as RUNNING again and count the attempt;
+        returns the attempt number (1 for a fresh run)."""
+        run = self.client.get_run(self.run_id)
+        attempt = int(run.data.tags.get("raydino.attempts", "0")) + 1
+        if run.info.status != "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.set_tags({"raydino.attempts": str(attempt)})
+        return attempt
+
+    def end_unless_finished(self, status: str) -> bool:
+        """Set the final ``status`` unless the run already ended FINISHED (its own process got
+        there first); True if it was set. Used for runs whose process was stopped from outside."""
+        if self.status() in ("FINISHED", status):
+            return False
+        self.end(status)
+        return True
+
+    def download_artifact(self, artifact_path: str, dst: str | os.PathLike[str]) -> Path:
+        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
 
 def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """Every run of an experiment (or the children of one parent) as flat dicts:

@@ -20,7 +20,8 @@ def _seed() -> None:
 def ray_session() -> Iterator[str]:
     """One local Ray for the whole session (``ray.init`` costs several seconds here).
 
-    Logical CPUs cover 2 train workers, a crop actor and read tasks on this 2-core machine.
+    Logical CPUs (bookkeeping, not cores) fit 2 train workers, a crop actor and read tasks, or
+    two small sweep trials at once, on this 2-core machine.
     Yields the address, so subprocesses can join the same instance.
     """
     import ray
@@ -28,7 +29,9 @@ def ray_session() -> Iterator[str]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=5, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # the dashboard stays on: without it, Train runs of trials stopped by ASHA can keep their
+        # resources (architecture.md) and later trials wait forever
+        ray.init(num_cpus=8, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -33,10 +33,11 @@ def plot_kappa_histogram(kappas: Mapping[str, np.ndarray], path: str | os.PathLi
     edges = np.histogram_bin_edges(np.concatenate(list(arrays.values())), bins=bins)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    style = {"alpha": 0.5} if len(arrays) <= 2 else {"histtype": "step", "linewidth": 1.5}  # many arms: outlines
     for name, values in arrays.items():
-        ax.hist(values, bins=edges, alpha=0.5, label=f"{name} (median {np.median(values):.3g})")
+        ax.hist(values, bins=edges, label=f"{name} (median {np.median(values):.3g})", **style)
     ax.set(xlabel="kappa = ||w_k|| / tau", ylabel="prototypes", title="Prototype precisions")
-    ax.legend()
+    ax.legend(fontsize=7 if len(arrays) > 2 else None)
     return _save(fig, path)
 
 
@@ -62,4 +63,38 @@ def plot_loss_curve(steps: Sequence[float] | np.ndarray, losses: Sequence[float]
     ax.plot(np.asarray(steps), np.asarray(losses))
     ax.set(xlabel="step", ylabel="loss", title="Training loss")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_usage_curves(usages: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Sorted prototype usage of several arms overlaid (log y): where each curve ends is how
+    many prototypes that arm uses."""
+    if not usages:
+        raise ValueError("usages is empty")
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for name, usage in usages.items():
+        u = np.sort(np.asarray(usage, dtype=np.float64).reshape(-1))[::-1]
+        used = u[u > 0]
+        ax.plot(np.arange(1, len(used) + 1), used, drawstyle="steps-post", label=f"{name} ({len(used)} used)")
+    ax.set_yscale("log")
+    ax.set(xlabel="prototype rank", ylabel="fraction of samples (argmax)", title="Prototype usage per arm")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_arm_values(values: Mapping[str, Sequence[float]], label: str, path: str | os.PathLike[str]) -> Path:
+    """One bar per arm at the mean over seeds, with every seed drawn as a dot (the spread
+    over a handful of seeds is better shown than summarised)."""
+    if not values:
+        raise ValueError("values is empty")
+    names = list(values)
+    fig = Figure(figsize=(max(5, 1.1 * len(names)), 4))
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        seeds = np.asarray(values[name], dtype=np.float64)
+        ax.bar(i, np.nanmean(seeds), color="C0", alpha=0.5)
+        ax.scatter(np.full(len(seeds), i), seeds, color="C1", zorder=3, s=14)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
+    ax.set(ylabel=label, title=f"{label} per arm (bars: mean; dots: seeds)")
     return _save(fig, path)

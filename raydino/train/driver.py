@@ -6,6 +6,7 @@ dataset smaller than one batch) is checked before the first worker starts.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -66,12 +67,13 @@ def check_data_path(cfg: Config) -> None:
             )
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     """Connect to RAY_ADDRESS or to a Ray already running on this machine; else start a local
     Ray sized for this run.
 
     Logical CPUs are bookkeeping: on a small machine we declare enough for the run to
-    schedule (an under-sized cluster hangs silently instead of failing).
+    schedule (an under-sized cluster hangs silently instead of failing); ``extra_cpus``
+    is what else must fit beside one run (a sweep's trial driver).
     """
     if ray.is_initialized():
         return
@@ -84,7 +86,7 @@ def ensure_ray(cfg: Config) -> None:
         return
     except ConnectionError:
         pass
-    num_cpus = max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
+    num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + extra_cpus))
     ray.init(num_cpus=num_cpus, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     quiet_ray_data()
 

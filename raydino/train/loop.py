@@ -116,7 +116,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        report = {**metrics, "step": step, "epoch": epoch}
+        # every report carries the latest evaluation, so a Tune scheduler (ASHA on knn_top1)
+        # finds its metric in mid-epoch checkpoint reports too
+        report = {**latest_eval, **metrics, "step": step, "epoch": epoch}
         if rank != 0:
             ray.train.report(report)
             last_checkpoint_step = step
@@ -142,6 +144,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_checkpoint_step = step
 
     metrics: dict[str, float] = {}
+    evaluating = rank == 0 and eval_data is not None and cfg.eval.every_epochs > 0
+    latest_eval: dict[str, float] = {"knn_top1": float("nan")} if evaluating else {}
     while epoch < cfg.optim.epochs:
         if rank == 0:
             ray.get(epoch_clock.set.remote(epoch), timeout=60)
@@ -177,8 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if every and step % every == 0 and seen < steps_per_epoch:
                 save_and_report(metrics)
         epoch_metrics = {**metrics, "epoch_seconds": time.perf_counter() - started}
-        if rank == 0 and eval_data is not None and cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
-            epoch_metrics.update(evaluate_network(teacher, eval_data, device, cfg.eval.knn_k, cfg.eval.knn_temperature))
+        if evaluating and (epoch + 1) % cfg.eval.every_epochs == 0:
+            latest_eval = evaluate_network(teacher, eval_data, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
+            epoch_metrics.update(latest_eval)
         if rank == 0:
             line = f"epoch {epoch + 1}/{cfg.optim.epochs}  step {step}/{total_steps}  loss {metrics.get('loss', float('nan')):.4f}"
             if "knn_top1" in epoch_metrics:

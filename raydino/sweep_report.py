@@ -1,0 +1,191 @@
+"""The per-arm report of a sweep (the kappa ablation's table and plots), read back from MLflow.
+
+Everything comes from the store, not from the sweep's memory, so the same report can be
+rebuilt later from any MLflow store (sqlite file or server) given the parent run id.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from raydino.eval.plots import plot_arm_values, plot_kappa_histogram, plot_usage_curves
+from raydino.pretrain import PROTOTYPE_ARRAYS
+from raydino.tracking import RunLogger, search_runs
+
+if TYPE_CHECKING:
+    from raydino.sweep import SweepResult, SweepSpec
+
+COLLAPSE_NATS = 0.1  # below this, targets are (nearly) the same for every sample
+
+
+def is_collapsed(teacher_entropy: float, mean_target_entropy: float) -> bool:
+    """Collapse as objective.md describes it: the teacher's targets no longer depend on the
+    sample. H(mean target) - mean H(target) is the information the targets carry about the
+    sample (zero for uniform *and* for one-hot-on-the-same-prototype collapse); a
+    mean-target entropy near zero is the one-prototype case on its own."""
+    if math.isnan(teacher_entropy) or math.isnan(mean_target_entropy):
+        return False
+    return mean_target_entropy - teacher_entropy < COLLAPSE_NATS or mean_target_entropy < COLLAPSE_NATS
+
+
+def _metric(runs: pd.DataFrame, name: str) -> pd.Series:
+    column = f"metrics.{name}"
+    return pd.to_numeric(runs[column], errors="coerce") if column in runs else pd.Series(np.nan, index=runs.index)
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
+    runs = pd.DataFrame(search_runs(uri, experiment, parent_run_id))
+    if runs.empty:
+        raise ValueError(f"parent run {parent_run_id} has no child runs in experiment {experiment!r}")
+    return runs
+
+
+def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
+    """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std,
+    linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
+    over seeds), final teacher entropy, and how many seeds collapsed."""
+    keys = [f"params.{k}" for k in arm_keys]
+    missing = [k for k in keys if k not in runs]
+    if missing:
+        raise ValueError(f"runs have no param(s) {', '.join(k.removeprefix('params.') for k in missing)}")
+    runs = runs.copy()
+    runs["knn"] = _metric(runs, "final_knn_top1")
+    runs["probe"] = _metric(runs, "final_linear_probe_top1")
+    runs["prototypes"] = _metric(runs, "final_prototypes_in_use")
+    runs["kappa_q50"] = _metric(runs, "final_kappa_teacher_q50")
+    runs["kappa_q05"] = _metric(runs, "final_kappa_teacher_q05")
+    runs["kappa_q95"] = _metric(runs, "final_kappa_teacher_q95")
+    runs["entropy"] = _metric(runs, "teacher_entropy")
+    runs["mean_target_entropy"] = _metric(runs, "mean_target_entropy")
+    runs["collapsed"] = [is_collapsed(a, b) for a, b in zip(runs["entropy"], runs["mean_target_entropy"])]
+    rows = []
+    for arm, group in runs.groupby(keys, sort=True):
+        arm = arm if isinstance(arm, tuple) else (arm,)
+        done = group[group["status"] == "FINISHED"]
+        row = {k.removeprefix("params."): v for k, v in zip(keys, arm)}
+        row.update(
+            trials=len(group),
+            finished=len(done),
+            stopped=int((group["status"] == "KILLED").sum()),
+            failed=int((group["status"] == "FAILED").sum()),
+            knn_top1_mean=done["knn"].mean(),
+            knn_top1_std=done["knn"].std(ddof=1),
+            linear_probe_top1=done["probe"].mean(),
+            prototypes_in_use=done["prototypes"].mean(),
+            kappa_median=done["kappa_q50"].mean(),
+            kappa_q05=done["kappa_q05"].mean(),
+            kappa_q95=done["kappa_q95"].mean(),
+            teacher_entropy=done["entropy"].mean(),
+            collapsed=f"{int(done['collapsed'].sum())}/{len(done)}",
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(value: object, digits: int = 1) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
+    header = [*arm_keys, "seeds", "kNN top-1", "linear probe", "prototypes in use", "kappa median [90% range]",
+              "teacher entropy", "collapsed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for _, r in table.iterrows():
+        seeds = f"{r['finished']}/{r['trials']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        seeds += f" ({r['stopped']} stopped)" if r["stopped"] else ""
+        cells = [
+            *(str(r[k]) for k in arm_keys),
+            seeds,
+            f"{_cell(r['knn_top1_mean'])} ± {_cell(r['knn_top1_std'])}",
+            _cell(r["linear_probe_top1"]),
+            _cell(r["prototypes_in_use"], 0),
+            f"{_cell(r['kappa_median'])} [{_cell(r['kappa_q05'])}, {_cell(r['kappa_q95'])}]",
+            _cell(r["teacher_entropy"], 2),
+            str(r["collapsed"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _arm_name(run: pd.Series, arm_keys: Sequence[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={run.get(f'params.{k}')}" for k in arm_keys)
+
+
+def write_report(
+    uri: str, experiment: str, parent_run_id: str, arm_keys: Sequence[str], out_dir: str | os.PathLike[str]
+) -> tuple[str, list[Path]]:
+    """Table (markdown and CSV) and plots (kNN per arm, kappa histograms overlaid, prototype
+    usage) for the children of one parent run; returns the markdown and the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = child_runs(uri, experiment, parent_run_id)
+    table = arm_table(runs, arm_keys)
+    markdown = to_markdown(table, arm_keys)
+    files = [out / "arms.md", out / "arms.csv"]
+    files[0].write_text(markdown + "\n")
+    table.to_csv(files[1], index=False)
+
+    finished = runs[runs["status"] == "FINISHED"]
+    knn: dict[str, list[float]] = {}
+    kappas: dict[str, list[np.ndarray]] = {}
+    usages: dict[str, list[np.ndarray]] = {}
+    with tempfile.TemporaryDirectory(prefix="raydino-report-") as tmp:
+        for _, run in finished.iterrows():
+            arm = _arm_name(run, arm_keys)
+            knn.setdefault(arm, []).append(float(pd.to_numeric(run.get("metrics.final_knn_top1"), errors="coerce")))
+            try:
+                path = RunLogger(uri, run["run_id"]).download_artifact(PROTOTYPE_ARRAYS, Path(tmp) / run["run_id"])
+            except Exception:  # noqa: BLE001 - a run without arrays (e.g. no eval data) just has no curve
+                continue
+            with np.load(path) as arrays:
+                if "kappa_teacher" in arrays:
+                    kappas.setdefault(arm, []).append(arrays["kappa_teacher"])
+                if "usage" in arrays:
+                    usages.setdefault(arm, []).append(arrays["usage"])
+    if knn:
+        files.append(plot_arm_values(knn, "kNN top-1 (%)", out / "knn_per_arm.png"))
+    if kappas:
+        pooled = {arm: np.concatenate(v) for arm, v in kappas.items()}
+        files.append(plot_kappa_histogram(pooled, out / "kappa_histograms.png"))
+    if usages:
+        files.append(plot_usage_curves({arm: np.mean(v, axis=0) for arm, v in usages.items()}, out / "prototype_usage.png"))
+    return markdown, files
+
+
+def run_and_report(
+    spec: SweepSpec, arm_keys: Sequence[str], out_dir: str | os.PathLike[str], log: Callable[[str], None] = print
+) -> tuple[SweepResult, str]:
+    """Run a sweep, write its per-arm report to ``out_dir`` and onto the parent run, print the
+    table and what failed. Returns (SweepResult, markdown)."""
+    from raydino.sweep import run_sweep
+
+    holder: dict[str, str] = {}
+
+    def report(result: SweepResult) -> list[Path]:
+        markdown, files = write_report(result.tracking_uri, result.experiment, result.parent_run_id, arm_keys, out_dir)
+        holder["markdown"] = markdown
+        return files
+
+    result = run_sweep(spec, log=log, report=report)
+    log("")
+    log(holder.get("markdown", "(no table)"))
+    log("")
+    for trial in result.trials:
+        if trial.status == "FAILED":
+            log(f"FAILED trial {trial.trial_id} ({trial.attempts} attempts) {trial.overrides}:\n  {trial.error}")
+    log(
+        f"{result.count('FINISHED')} finished, {result.count('KILLED')} stopped early, {result.count('FAILED')} failed "
+        f"in {result.seconds / 60:.1f} min; report in {Path(out_dir).resolve()}; MLflow parent run "
+        f"{result.parent_run_id} (experiment {result.experiment!r}) in {result.tracking_uri}"
+    )
+    return result, holder.get("markdown", "")

@@ -1,0 +1,49 @@
+"""Command-line pieces shared by the sweep scripts (kept beside them, not in the package)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python sweeps/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from raydino.config import PRESETS, Config, load_config  # noqa: E402
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) -> None:
+    parser.add_argument("--preset", default="cpu_demo", choices=sorted(PRESETS),
+                        help="base settings (default cpu_demo: a tiny ViT on one CPU machine)")
+    parser.add_argument("--config", help="YAML file of config sections applied over the preset")
+    parser.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on")
+    parser.add_argument("--source", choices=["digits", "fashion_mnist"],
+                        help="an embedded dataset instead (fashion_mnist needs the Debian package)")
+    parser.add_argument("--seeds", type=int, default=default_seeds, help=f"seeds per arm (default {default_seeds})")
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the budget of the preset)")
+    parser.add_argument("--name", help="sweep name: the MLflow parent run and the storage folder")
+    parser.add_argument("--out", help="directory for the table and plots (default: sweep_reports/<name>)")
+    parser.add_argument("--storage", help="where Tune and Train keep trial checkpoints (default ./raydino_runs)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the sweep script's name)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    parser.add_argument("--retries", type=int, default=1, help="times a failed trial is retried (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the arms and trials, run nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
+
+
+def base_config(args: argparse.Namespace, budget: dict[str, list[str]], experiment: str) -> Config:
+    """The preset, the script's small-machine budget for that preset, then the user's file and
+    overrides (which win)."""
+    overrides = list(budget.get(args.preset, []))
+    if args.source:
+        overrides.append(f"data.source={args.source}")
+    if args.data:
+        overrides += ["data.source=imagefolder", f"data.path={args.data}"]
+    if args.epochs:
+        overrides.append(f"optim.epochs={args.epochs}")
+    overrides.append(f"tracking.experiment={args.experiment or experiment}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    return load_config(args.config, [*overrides, *args.overrides], preset=args.preset)

@@ -1,0 +1,246 @@
+"""raydino.sweep: search spaces, concurrency, MLflow parent/child runs, ASHA, retries; the
+sweep scripts' arguments; the per-arm report."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from ray import tune
+
+from raydino.config import ConfigError, load_config, with_overrides
+from raydino.sweep import Asha, SweepSpec, derive_max_concurrent, parse_space, run_sweep, validate_space
+from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
+from raydino.tracking import RunLogger, create_run
+
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+TINY = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "head.num_prototypes=64",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=16",
+    "data.crops.local_number=2",
+    "data.batch_size_per_worker=64",
+    "data.crop_batch_size=64",
+    "data.cpus_per_crop_actor=0.5",
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "loss.warmup_teacher_temp_epochs=0",
+    "eval.max_images=100",
+    "tracking.log_every_steps=3",
+    "scaling.num_workers=1",
+]
+
+
+def _script(name: str):
+    sys.path.insert(0, str(SWEEPS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, SWEEPS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SWEEPS))
+
+
+# --- search spaces and validation (no Ray) -------------------------------------------------
+
+
+def test_with_overrides_sets_typed_values_and_validates():
+    base = load_config()
+    cfg = with_overrides(base, {"loss.vmf": False, "head.norm_last_layer": True, "seed": 3, "model.kwargs.depth": 2})
+    assert (cfg.loss.vmf, cfg.head.norm_last_layer, cfg.seed, cfg.model.kwargs["depth"]) == (False, True, 3, 2)
+    assert cfg.model.kwargs["embed_dim"] == base.model.kwargs["embed_dim"]  # the rest of kwargs is kept
+    with pytest.raises(ConfigError, match="loss.teacher_temp"):
+        with_overrides(base, {"loss.teacher_temp": -1.0})
+
+
+def test_parse_space_grid_random_and_fixed():
+    space = parse_space(["loss.vmf=[false, true]", "optim.base_lr=loguniform(1e-4, 1e-3)",
+                         "loss.centering=choice([logit, probability])", "seed=7"])
+    assert space["loss.vmf"] == [False, True] and space["seed"] == 7
+    assert isinstance(space["optim.base_lr"], tune.search.sample.Float)
+    assert 1e-4 <= space["optim.base_lr"].sample() <= 1e-3
+    assert space["loss.centering"].sample() in ("logit", "probability")
+    with pytest.raises(ConfigError, match="key="):
+        parse_space(["loss.vmf"])
+
+
+def test_validate_space_names_the_bad_point():
+    base = load_config()
+    with pytest.raises(ConfigError, match=r"loss.centering.*allowed: one of"):
+        validate_space(SweepSpec("s", base, {"loss.centering": ["logit", "median"]}))
+    with pytest.raises(ConfigError, match="unknown key 'loss.kappa'"):
+        validate_space(SweepSpec("s", base, {"loss.kappa": [1, 2]}))
+    with pytest.raises(ConfigError, match="eval.every_epochs=1"):
+        validate_space(SweepSpec("s", with_overrides(base, {"eval.every_epochs": 0}), {"seed": [0, 1]}, asha=Asha()))
+    with pytest.raises(ConfigError, match="arm key"):
+        validate_space(SweepSpec("s", base, {"seed": [0, 1]}, arm_keys=["loss.vmf"]))
+    assert len(validate_space(SweepSpec("s", base, {"loss.vmf": [False, True], "seed": [0, 1, 2]}))) == 6
+
+
+def test_max_concurrent_trials_from_cluster_resources():
+    cpu = load_config(overrides=["scaling.num_workers=2", "data.num_crop_actors=1"])  # 2 + 1 + 1 read + 1 driver
+    assert derive_max_concurrent([cpu], 1.0, {"CPU": 16}) == 3
+    assert derive_max_concurrent([cpu], 1.0, {"CPU": 4}) == 1  # never zero: one trial waits for resources
+    gpu = with_overrides(cpu, {"scaling.use_gpu": True, "scaling.num_workers": 4})
+    assert derive_max_concurrent([gpu], 1.0, {"CPU": 64, "GPU": 8}) == 2  # GPUs are the limit
+    assert derive_max_concurrent([cpu, gpu], 1.0, {"CPU": 64, "GPU": 8}) == 2  # sized for the largest trial
+
+
+# --- the sweep scripts ------------------------------------------------------------------
+
+
+def test_kappa_ablation_arguments_and_arms():
+    ablation = _script("kappa_ablation")
+    args = ablation.build_parser().parse_args([])
+    space, arm_keys = ablation.ablation_space(args)
+    arms = ablation.arms(space, arm_keys)
+    assert arm_keys == ["loss.vmf", "head.norm_last_layer", "loss.centering"]
+    assert len(arms) == 8 and len({tuple(a.values()) for a in arms}) == 8
+    assert space["seed"] == [0, 1]
+    assert {"loss.vmf": True, "head.norm_last_layer": False, "loss.centering": "probability"} in arms
+
+    args = ablation.build_parser().parse_args(["--teacher-temps", "0.04", "0.07", "--seeds", "3", "--methods",
+                                               "dino-vmf", "--preset", "imagenet_vit_base", "--data", "/x"])
+    space, arm_keys = ablation.ablation_space(args)
+    assert arm_keys[-1] == "loss.teacher_temp" and space["loss.teacher_temp"] == [0.04, 0.07]
+    assert len(ablation.arms(space, arm_keys)) == 1 * 2 * 2 * 2 and space["seed"] == [0, 1, 2]
+    base = ablation.base_config(args, ablation.BUDGET, "kappa_ablation")
+    assert base.model.name == "vit_base_patch16_224" and base.data.path == "/x"  # no small-machine budget
+    small = ablation.base_config(ablation.build_parser().parse_args(["optim.epochs=2"]), ablation.BUDGET, "k")
+    assert small.scaling.num_workers == 1 and small.optim.epochs == 2  # the user's override wins over the budget
+    with pytest.raises(SystemExit):
+        ablation.build_parser().parse_args(["--centerings", "median"])
+
+
+def test_temperature_sweep_arguments(capsys):
+    sweep = _script("temperature_sweep")
+    args = sweep.build_parser().parse_args(["--teacher-temps", "0.02", "0.04", "0.07", "--warmup-epochs", "0", "2"])
+    space, arm_keys = sweep.temperature_space(args)
+    assert space["loss.teacher_temp"] == [0.02, 0.04, 0.07] and space["loss.warmup_teacher_temp_epochs"] == [0, 2]
+    assert space["loss.vmf"] == [False, True] and "seed" not in arm_keys
+    assert sweep.main(["--dry-run"]) == 0
+    assert "8 trials" in capsys.readouterr().out
+
+
+# --- the per-arm report (MLflow runs made here) -------------------------------------------
+
+
+def test_collapse_flag():
+    assert is_collapsed(6.93, 6.931)  # uniform targets for every sample
+    assert is_collapsed(0.01, 0.02)  # the same one-hot target for every sample
+    assert not is_collapsed(0.5, 5.0)  # sharp targets that differ between samples
+    assert not is_collapsed(float("nan"), 1.0)
+
+
+def test_arm_table_and_report_from_mlflow(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = create_run(uri, "abl", "parent", {})
+    runs = {  # (vmf, centering) -> per seed: (status, knn, teacher entropy, mean-target entropy)
+        ("True", "logit"): [("FINISHED", 60.0, 1.0, 5.0), ("FINISHED", 64.0, 1.0, 5.0)],
+        ("False", "logit"): [("FINISHED", 50.0, 6.9, 6.93), ("FAILED", None, None, None)],
+    }
+    rng = np.random.default_rng(0)
+    for (vmf, centering), seeds in runs.items():
+        for seed, (status, knn, h, hm) in enumerate(seeds):
+            run = create_run(uri, "abl", f"{vmf}-{centering}-{seed}",
+                             {"loss.vmf": vmf, "loss.centering": centering, "seed": seed}, parent_run_id=parent)
+            logger = RunLogger(uri, run)
+            if knn is not None:
+                logger.log_metrics({"final_knn_top1": knn, "final_linear_probe_top1": knn - 5, "teacher_entropy": h,
+                                    "mean_target_entropy": hm, "final_kappa_teacher_q50": 10.0 + seed,
+                                    "final_kappa_teacher_q05": 5.0, "final_kappa_teacher_q95": 20.0,
+                                    "final_prototypes_in_use": 7}, 1)
+                arrays = tmp_path / "prototypes.npz"
+                np.savez(arrays, kappa_teacher=rng.gamma(2.0, 5.0, 64), usage=rng.dirichlet(np.ones(64)))
+                logger.log_artifact(arrays, "eval")
+            logger.end(status)
+    table = arm_table(child_runs(uri, "abl", parent), ["loss.vmf", "loss.centering"])
+    rows = {(r["loss.vmf"], r["loss.centering"]): r for _, r in table.iterrows()}
+    vmf, dino = rows[("True", "logit")], rows[("False", "logit")]
+    assert vmf["knn_top1_mean"] == pytest.approx(62.0) and vmf["knn_top1_std"] == pytest.approx(math.sqrt(8))
+    assert vmf["kappa_median"] == pytest.approx(10.5) and vmf["collapsed"] == "0/2"
+    assert (dino["finished"], dino["failed"], dino["collapsed"]) == (1, 1, "1/1")  # uniform targets: collapsed
+    markdown = to_markdown(table, ["loss.vmf", "loss.centering"])
+    assert "| True | logit | 2/2 | 62.0 ± 2.8 | 57.0 | 7 | 10.5 [5.0, 20.0] | 1.00 | 0/2 |" in markdown
+    assert "| False | logit | 1/2 (1 failed) | 50.0 ± - |" in markdown
+
+    text, files = write_report(uri, "abl", parent, ["loss.vmf", "loss.centering"], tmp_path / "report")
+    assert text == markdown
+    assert sorted(f.name for f in files) == ["arms.csv", "arms.md", "kappa_histograms.png", "knn_per_arm.png",
+                                             "prototype_usage.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files if f.suffix == ".png")
+
+
+# --- real sweeps on the shared Ray instance -----------------------------------------------
+
+
+def _children(uri: str, experiment: str, parent_run_id: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.timeout(420)
+def test_asha_sweep_stops_trials_ends_every_run_and_loses_no_metric(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = load_config(overrides=[*TINY, "optim.epochs=2", f"tracking.uri={uri}", "tracking.experiment=asha"])
+    # ASHA on the reported learning rate, a metric whose order across trials is known: two trials
+    # run at once; the third (lowest lr) starts only after one of them has passed the epoch-1 rung,
+    # so it is below every recorded value there and must be stopped
+    spec = SweepSpec("asha", base, {"optim.base_lr": [4e-4, 2e-4, 1e-4]}, asha=Asha(metric="lr", reduction_factor=2),
+                     storage_path=tmp_path / "runs")
+    result = run_sweep(spec, log=lambda _: None)
+
+    assert result.max_concurrent_trials == 2  # 8 logical CPUs / (1 worker + 0.5 crop actor + 1 read + 1 driver)
+    assert len(result.trials) == 3 and result.count("FAILED") == 0
+    by_lr = {t.overrides["optim.base_lr"]: t for t in result.trials}
+    assert by_lr[1e-4].status == "KILLED" and by_lr[1e-4].metrics["epoch"] == 1
+    assert by_lr[4e-4].status == "FINISHED" and by_lr[4e-4].metrics["epoch"] == 2
+    assert "final_knn_top1" in by_lr[4e-4].metrics
+
+    client, children = _children(uri, "asha", result.parent_run_id)
+    runs = {r.data.tags["raydino.trial_id"]: r for r in children}
+    assert len(runs) == 3
+    assert "RUNNING" not in {r.info.status for r in children}
+    for trial in result.trials:
+        run = runs[trial.trial_id]
+        assert run.info.status == trial.status
+        assert run.data.params["optim.base_lr"] == str(trial.overrides["optim.base_lr"])
+        assert run.data.tags["raydino.arm"] == f"optim.base_lr={trial.overrides['optim.base_lr']}"
+    steps = 2 * (1347 // 64)
+    for trial in result.trials:  # two trials logged at once into one sqlite store: nothing lost
+        if trial.status == "FINISHED":
+            run = runs[trial.trial_id]
+            assert len(client.get_metric_history(run.info.run_id, "loss")) == steps // 3
+            assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["optim.base_lr"].startswith("grid")
+    assert parent.data.metrics["trials_stopped"] == result.count("KILLED")
+
+
+@pytest.mark.timeout(300)
+def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = load_config(overrides=[*TINY, "optim.epochs=1", f"tracking.uri={uri}", "tracking.experiment=fail"])
+    # LayerScale initialised at 1e30 makes the loss NaN at step 0: a trial that raises, every attempt
+    spec = SweepSpec("fail", base, {"model.kwargs.init_values": [None, 1.0e30]}, trial_retries=1,
+                     storage_path=tmp_path / "runs")
+    result = run_sweep(spec, log=lambda _: None)
+
+    by_init = {t.overrides["model.kwargs.init_values"]: t for t in result.trials}
+    failed, ok = by_init[1.0e30], by_init[None]
+    assert failed.status == "FAILED" and failed.attempts == 2 and "loss is nan at step 0" in failed.error
+    assert ok.status == "FINISHED" and ok.attempts == 1
+
+    client, children = _children(uri, "fail", result.parent_run_id)
+    runs = {r.data.tags["raydino.trial_id"]: r for r in children}
+    assert runs[failed.trial_id].info.status == "FAILED" and runs[failed.trial_id].data.tags["raydino.attempts"] == "2"
+    assert runs[ok.trial_id].info.status == "FINISHED" and "final_knn_top1" in runs[ok.trial_id].data.metrics
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["raydino.failed_trials"] == failed.trial_id
