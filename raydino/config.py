@@ -53,6 +53,7 @@ class LossConfig(_Section):
     centering: Literal["logit", "probability", "sinkhorn", "none"] = "logit"
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     sinkhorn_iterations: int = Field(3, ge=1, le=100)
+    koleo_weight: float = Field(0.0, ge=0.0, description="KoLeo anti-collapse term on student features (DINOv2: 0.1)")
 
 
 class CropsConfig(_Section):
@@ -154,6 +155,8 @@ class Config(_Section):
             raise ValueError(
                 f"loss.warmup_teacher_temp_epochs={self.loss.warmup_teacher_temp_epochs} exceeds optim.epochs={o.epochs}"
             )
+        if self.loss.koleo_weight > 0 and self.data.batch_size_per_worker < 2:
+            raise ValueError("loss.koleo_weight > 0 needs data.batch_size_per_worker >= 2 (nearest neighbours in a batch)")
         if o.min_lr > o.base_lr:
             raise ValueError(f"optim.min_lr={o.min_lr} exceeds optim.base_lr={o.base_lr}")
         return self

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
-from raydino.objectives import DINOLoss
+from raydino.objectives import DINOLoss, koleo_loss
 from raydino.objectives.centering import all_reduce_sum
 from raydino.schedules import ScheduleValues
 
@@ -125,7 +125,11 @@ class DINOStep:
         with self._autocast():
             with torch.no_grad():
                 teacher_scores, teacher_norms = self.teacher(crops[: self.num_global])
-            student_scores, student_norms = self.student(crops)
+            koleo_weight = self.cfg.loss.koleo_weight
+            if koleo_weight > 0:
+                student_scores, student_norms, features = self.student(crops, return_features=True)
+            else:
+                student_scores, student_norms = self.student(crops)
         out = self.loss_fn(
             student_scores,
             teacher_scores,
@@ -134,11 +138,18 @@ class DINOStep:
             student_norms,
             teacher_norms,
         )
-        loss_value = global_mean(out.loss.detach()).item()  # every worker sees a NaN anywhere
+        loss = out.loss
+        koleo = None
+        if koleo_weight > 0:  # DINOv2: on the student's global-crop features, summed over crops
+            koleo = sum(koleo_loss(f) for f in features[: self.num_global])
+            loss = loss + koleo_weight * koleo
+        parts = [loss.detach()] if koleo is None else [loss.detach(), out.loss.detach(), koleo.detach()]
+        means = global_mean(torch.stack(parts)).tolist()  # one all-reduce; every worker sees a NaN anywhere
+        loss_value = means[0]
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(step, loss_value)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         grad_norm = float("nan")
         if self.cfg.optim.clip_grad > 0:
             grad_norm = float(nn.utils.clip_grad_norm_(self.student_module.parameters(), self.cfg.optim.clip_grad))
@@ -156,4 +167,6 @@ class DINOStep:
         }
         if out.center_norm is not None:
             metrics["center_norm"] = out.center_norm.item()
+        if koleo is not None:
+            metrics["dino_loss"], metrics["koleo"] = means[1], means[2]
         return metrics

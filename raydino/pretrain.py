@@ -149,7 +149,7 @@ def pretrain(
                 logger.log_artifacts(result.checkpoint_dir, "checkpoint")
             logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)
             logger.log_metrics({f"random_init_{k}": v for k, v in final.random_init.items()}, result.steps)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a scheduler stopping a sweep trial
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or an exit request: stopped, not broken
         logger.end("KILLED")
         raise
     except BaseException:

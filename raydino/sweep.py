@@ -13,10 +13,13 @@ KILLED; crashed: FAILED), so no run is left RUNNING.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +34,7 @@ from ray.tune.search.sample import Domain
 
 from raydino.config import Config, ConfigError, with_overrides
 from raydino.pretrain import pretrain
-from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri
+from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, search_runs
 from raydino.train.driver import DEFAULT_STORAGE, check_data_path, ensure_ray, quiet_ray_data, required_cpus
 
 FINAL_KEY = "raydino_final"  # present only in a trial's last report, after its final evaluation
@@ -102,7 +105,7 @@ class SweepResult:
 
 def parse_space(items: Sequence[str]) -> dict[str, Any]:
     """``key=[a, b]`` (grid), ``key=uniform(a, b)``, ``key=loguniform(a, b)``, ``key=choice([a, b])``,
-    ``key=value`` (fixed), with YAML values: the command-line form of a search space."""
+    ``key=value`` (fixed), with YAML values: a search space written as text (scripts, config files)."""
     import yaml
 
     space: dict[str, Any] = {}
@@ -125,12 +128,12 @@ def _numbers(value: Any) -> Any:
     """YAML 1.1 reads ``1e-4`` (no dot) as a string; a search space means the number."""
     if isinstance(value, list):
         return [_numbers(v) for v in value]
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _grid_points(space: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -144,23 +147,52 @@ def validate_space(spec: SweepSpec) -> list[Config]:
     """Build the config of every grid point now, so a bad key or value fails before any trial."""
     if not spec.space:
         raise ConfigError("the search space is empty; give at least one key, e.g. loss.vmf=[false, true]")
+    empty = [k for k, v in spec.space.items() if isinstance(v, list) and not v]
+    if empty:
+        raise ConfigError(f"search space key(s) {', '.join(empty)} have an empty list of values")
+    if spec.trial_retries < 0 or spec.num_samples < 1 or (spec.max_concurrent_trials or 1) < 1:
+        raise ConfigError("trial_retries must be >= 0, num_samples and max_concurrent_trials >= 1")
     configs = []
     for point in _grid_points(spec.space):
         try:
             configs.append(with_overrides(spec.base, point))
         except ConfigError as exc:
             raise ConfigError(f"search space point {point} is invalid: {exc}") from None
-    if spec.asha is not None and any(c.eval.every_epochs != 1 for c in configs):
-        raise ConfigError("ASHA needs a kNN evaluation every epoch: set eval.every_epochs=1")
+    if spec.asha is not None:
+        if any(c.eval.every_epochs != 1 for c in configs):
+            raise ConfigError("ASHA needs a kNN evaluation every epoch: set eval.every_epochs=1")
+        if not all(has_eval_data(c) for c in configs):
+            raise ConfigError(
+                "ASHA compares trials on kNN top-1, which needs labelled evaluation data: set eval.train_path "
+                "and eval.test_path (labelled ImageFolders), or use data.source=digits / fashion_mnist"
+            )
+        if spec.asha.metric.startswith(("final_", "random_init_")):
+            raise ConfigError(f"ASHA metric {spec.asha.metric!r} exists only after the last epoch; use a per-epoch "
+                              "metric such as knn_top1")
     unknown = [k for k in spec.arms() if k not in spec.space]
     if unknown:
         raise ConfigError(f"arm key(s) {', '.join(unknown)} are not in the search space ({', '.join(spec.space)})")
     return configs
 
 
+def has_eval_data(cfg: Config) -> bool:
+    """Whether a run of ``cfg`` evaluates kNN every epoch (mirrors ``load_eval_data``)."""
+    return cfg.data.source in ("digits", "fashion_mnist") or bool(cfg.eval.train_path and cfg.eval.test_path)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Tune runs each trial in its own working directory: resolve relative paths on the driver."""
+    updates: dict[str, Any] = {}
+    for key, value in (("data.path", cfg.data.path), ("eval.train_path", cfg.eval.train_path),
+                       ("eval.test_path", cfg.eval.test_path), ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
+        if value and "://" not in str(value):
+            updates[key] = str(Path(str(value)).expanduser().resolve())
+    return with_overrides(cfg, updates) if updates else cfg
+
+
 def trial_resources(cfg: Config, trial_cpus: float) -> dict[str, float]:
-    """What one trial holds: its Tune driver (which also runs the final evaluation), the
-    Train workers and the Ray Data crop actors and readers."""
+    """What one trial needs in all: its Tune driver (which also runs the final evaluation)
+    plus what its TorchTrainer requests (Train workers, Ray Data crop actors and readers)."""
     return {"CPU": required_cpus(cfg) + trial_cpus, "GPU": float(cfg.scaling.num_workers if cfg.scaling.use_gpu else 0)}
 
 
@@ -168,14 +200,32 @@ def derive_max_concurrent(configs: Sequence[Config], trial_cpus: float, cluster:
     """How many of the largest trial fit the cluster at once (at least one)."""
     need_cpu = max(trial_resources(c, trial_cpus)["CPU"] for c in configs)
     need_gpu = max(trial_resources(c, trial_cpus)["GPU"] for c in configs)
+    if need_gpu > cluster.get("GPU", 0):
+        raise ConfigError(
+            f"one trial needs {need_gpu:g} GPU(s) (scaling.num_workers with scaling.use_gpu=true) but the Ray "
+            f"cluster has {cluster.get('GPU', 0):g}; lower scaling.num_workers or add GPU nodes"
+        )
     fits = math.floor(cluster.get("CPU", 0) / need_cpu + 1e-9)
     if need_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / need_gpu + 1e-9))
     return max(1, fits)
 
 
-def arm_label(overrides: Mapping[str, Any], arm_keys: Sequence[str]) -> str:
-    return ", ".join(f"{k}={overrides.get(k)}" for k in arm_keys) or "all"
+def config_value(cfg: Config, dotted: str) -> Any:
+    """The validated value of a dotted key (``model.kwargs.depth`` reaches into kwargs)."""
+    node: Any = cfg.model_dump(mode="json")
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def arm_values(cfg: Config, arm_keys: Sequence[str]) -> dict[str, str]:
+    """An arm as strings, as the tags ``raydino.arm.<key>`` hold them (what the report groups by)."""
+    return {k: str(config_value(cfg, k)) for k in arm_keys}
+
+
+def arm_label(values: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "all"
 
 
 def _trial_run_name(sweep: str, trial_id: str) -> str:
@@ -190,11 +240,12 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_name = _trial_run_name(setup["name"], trial_id)
     cfg = with_overrides(base, {**overrides, "tracking.run_name": run_name, "tracking.uri": setup["uri"]})
+    arm = arm_values(cfg, setup["arm_keys"])
     tags = {
         "raydino.sweep": setup["name"],
         "raydino.trial_id": trial_id,
-        "raydino.arm": arm_label(overrides, setup["arm_keys"]),
-        **{f"raydino.arm.{k}": str(overrides.get(k)) for k in setup["arm_keys"]},
+        "raydino.arm": arm_label(arm),
+        **{f"raydino.arm.{k}": v for k, v in arm.items()},
     }
     summary = pretrain(
         cfg,
@@ -202,7 +253,7 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         max_failures=setup["worker_failures"],
         parent_run_id=setup["parent_run_id"],
         tags=tags,
-        run_callbacks=[TuneReportCallback()],
+        run_callbacks=[_RungReport(cfg.optim.epochs)],
         log=lambda line: print(f"[{trial_id}] {line}", flush=True),
     )
     final = {f"final_{k}": v for k, v in summary.final.metrics.items()}
@@ -220,6 +271,23 @@ def _run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
     )
 
 
+RUNG_EPOCH = "rung_epoch"  # ASHA's time attribute: completed epochs, absent from the last epoch's reports
+
+
+class _RungReport(TuneReportCallback):
+    """Forwards Train reports to Tune and adds ``rung_epoch`` before the last epoch only, so
+    ASHA never stops a trial that has finished training and is about to be evaluated."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and metrics[0].get("epoch", self.epochs) < self.epochs:
+            metrics = [{**metrics[0], RUNG_EPOCH: metrics[0]["epoch"]}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
 class _TrialBookkeeping(tune.Callback):
     """On the driver: ends each trial's MLflow run with the status its trial could not set
     itself, and records every outcome (retries included) for the sweep's report."""
@@ -227,11 +295,15 @@ class _TrialBookkeeping(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep: str, log: Callable[[str], None]) -> None:
         self.uri, self.experiment, self.sweep, self.log = uri, experiment, sweep, log
         self.outcomes: dict[str, TrialOutcome] = {}
+        self.started: set[str] = set()
 
     def _end_run(self, trial_id: str, status: str) -> None:
-        run_id = find_run(self.uri, self.experiment, _trial_run_name(self.sweep, trial_id))
-        if run_id is not None:
-            RunLogger(self.uri, run_id).end_unless_finished(status)
+        try:
+            run_id = find_run(self.uri, self.experiment, _trial_run_name(self.sweep, trial_id))
+            if run_id is not None:
+                RunLogger(self.uri, run_id).end_unless_finished(status)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn into a trial failure
+            self.log(f"sweep: could not set MLflow status {status} for trial {trial_id}: {exc}")
 
     def _record(self, trial: Any, status: str, error: str | None = None) -> None:
         result = dict(trial.last_result or {})
@@ -240,23 +312,25 @@ class _TrialBookkeeping(tune.Callback):
             trial.trial_id, dict(trial.config.get("overrides", {})), status, attempts, result, error
         )
 
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.started.add(trial.trial_id)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.log(f"sweep: trial {trial.trial_id} failed (attempt {trial.num_failures}); retrying it")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         finished = FINAL_KEY in (trial.last_result or {})
-        status = "FINISHED" if finished else "KILLED"
         if not finished:  # stopped by the scheduler: its process was ended before it could say so
             self._end_run(trial.trial_id, "KILLED")
-        self._record(trial, status)
+        self._record(trial, "FINISHED" if finished else "KILLED")
         knn = (trial.last_result or {}).get("knn_top1", float("nan"))
         self.log(f"sweep: trial {trial.trial_id} {'finished' if finished else 'stopped early'}: kNN top-1 {knn:.1f}%")
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._end_run(trial.trial_id, "FAILED")
-        error = trial.get_error()
-        message = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
-        self._record(trial, "FAILED", _last_lines(message))
+        error = trial.get_error()  # the formatted traceback text
+        message = _last_lines(str(error)) if error else "unknown error (see the trial's log)"
+        self._record(trial, "FAILED", message)
         self.log(f"sweep: trial {trial.trial_id} FAILED after {trial.num_failures} attempt(s): {_last_lines(message, 1)}")
 
 
@@ -278,6 +352,7 @@ def run_sweep(
     returns become the parent's artifacts.
     """
     started = time.perf_counter()
+    spec = dataclasses.replace(spec, base=absolute_paths(spec.base))
     configs = validate_space(spec)
     for cfg in configs:
         check_data_path(cfg)
@@ -288,7 +363,9 @@ def run_sweep(
     storage.mkdir(parents=True, exist_ok=True)
 
     largest = max(configs, key=lambda c: trial_resources(c, spec.trial_cpus)["CPU"])
-    ensure_ray(largest, extra_cpus=spec.trial_cpus)
+    # a Ray started here (no cluster to join) is sized for the requested number of trials at once
+    per_trial = trial_resources(largest, spec.trial_cpus)["CPU"]
+    ensure_ray(largest, extra_cpus=spec.trial_cpus + per_trial * ((spec.max_concurrent_trials or 1) - 1))
     concurrency = spec.max_concurrent_trials or derive_max_concurrent(configs, spec.trial_cpus, ray.cluster_resources())
 
     parent_params = {
@@ -322,12 +399,10 @@ def run_sweep(
     scheduler = None
     if spec.asha is not None:
         scheduler = ASHAScheduler(
-            time_attr="epoch",
+            time_attr=RUNG_EPOCH,  # never reaches optim.epochs, so max_t never stops a trial
             metric=spec.asha.metric,
             mode=spec.asha.mode,
-            # one past the last epoch: ASHA stops a trial that reaches max_t, which would cut
-            # off the final evaluation that follows the last epoch
-            max_t=max(c.optim.epochs for c in configs) + 1,
+            max_t=max(c.optim.epochs for c in configs),
             grace_period=spec.asha.grace_period,
             reduction_factor=spec.asha.reduction_factor,
         )
@@ -348,24 +423,43 @@ def run_sweep(
             verbose=0,
         ),
     )
+    expected = len(configs) * spec.num_samples
     try:
         tuner.fit()
-        trials = sorted(bookkeeping.outcomes.values(), key=lambda t: t.trial_id)
-        result = SweepResult(spec.name, uri, experiment, parent_run_id, trials, concurrency, time.perf_counter() - started)
-        counts = {"trials_finished": "FINISHED", "trials_stopped": "KILLED", "trials_failed": "FAILED"}
-        parent.log_metrics({key: result.count(status) for key, status in counts.items()}, 0)
-        failed = ",".join(t.trial_id for t in trials if t.status == "FAILED")
-        parent.set_tags({"raydino.failed_trials": failed or "none"})
-        for path in report(result) if report is not None else []:
-            parent.log_artifact(path, "sweep")
-    except KeyboardInterrupt:
-        parent.end("KILLED")
-        raise
     except BaseException:
-        parent.end("FAILED")
+        _close_children(uri, experiment, parent_run_id, log)
+        parent.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
-    parent.end("FINISHED")
+    # Tune handles Ctrl-C itself and returns: trials it stopped got no callback, so close what is open
+    interrupted = _close_children(uri, experiment, parent_run_id, log) or len(bookkeeping.outcomes) < expected
+    trials = sorted(bookkeeping.outcomes.values(), key=lambda t: t.trial_id)
+    result = SweepResult(spec.name, uri, experiment, parent_run_id, trials, concurrency, time.perf_counter() - started)
+    counts = {"trials_finished": "FINISHED", "trials_stopped": "KILLED", "trials_failed": "FAILED"}
+    parent.log_metrics({key: result.count(status) for key, status in counts.items()}, 0)
+    failed = ",".join(t.trial_id for t in trials if t.status == "FAILED")
+    parent.set_tags({"raydino.failed_trials": failed or "none", "raydino.trials_expected": str(expected)})
+    if interrupted:
+        log(f"sweep: interrupted with {len(trials)} of {expected} trials done; the parent run ends KILLED")
+    if report is not None:
+        try:
+            for path in report(result):
+                parent.log_artifact(path, "sweep")
+        except Exception as exc:  # noqa: BLE001 - the trials' outcome must still reach the user
+            log(f"sweep: the report failed ({type(exc).__name__}: {exc}); trial outcomes follow")
+            parent.set_tags({"raydino.report_error": str(exc)[:500]})
+    parent.end("KILLED" if interrupted else "FINISHED")
     return result
+
+
+def _close_children(uri: str, experiment: str, parent_run_id: str, log: Callable[[str], None]) -> bool:
+    """End every child run still RUNNING (its trial was stopped without a callback) as KILLED;
+    True if there was one."""
+    open_runs = [r["run_id"] for r in search_runs(uri, experiment, parent_run_id) if r["status"] == "RUNNING"]
+    for run_id in open_runs:
+        RunLogger(uri, run_id).end("KILLED")
+    if open_runs:
+        log(f"sweep: {len(open_runs)} trial run(s) were still open and are now KILLED")
+    return bool(open_runs)
 
 
 def _describe(value: Any) -> str:

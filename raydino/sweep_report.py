@@ -52,11 +52,17 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std,
     linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
     over seeds), final teacher entropy, and how many seeds collapsed."""
-    keys = [f"params.{k}" for k in arm_keys]
-    missing = [k for k in keys if k not in runs]
-    if missing:
-        raise ValueError(f"runs have no param(s) {', '.join(k.removeprefix('params.') for k in missing)}")
     runs = runs.copy()
+    keys = []
+    for key in arm_keys:  # sweep runs carry their arm as tags; other runs have the params
+        column = next((c for c in (f"tags.raydino.arm.{key}", f"params.{key}") if c in runs), None)
+        if column is None:
+            raise ValueError(f"runs have neither a tag raydino.arm.{key} nor a param {key}")
+        runs[key] = runs[column].fillna("-")
+        keys.append(key)
+    if not keys:  # no arm keys (a seed-only sweep): one row for everything
+        runs["arm"] = "all"
+        keys = ["arm"]
     runs["knn"] = _metric(runs, "final_knn_top1")
     runs["probe"] = _metric(runs, "final_linear_probe_top1")
     runs["prototypes"] = _metric(runs, "final_prototypes_in_use")
@@ -70,7 +76,7 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     for arm, group in runs.groupby(keys, sort=True):
         arm = arm if isinstance(arm, tuple) else (arm,)
         done = group[group["status"] == "FINISHED"]
-        row = {k.removeprefix("params."): v for k, v in zip(keys, arm)}
+        row = dict(zip(keys, arm))
         row.update(
             trials=len(group),
             finished=len(done),
@@ -97,6 +103,7 @@ def _cell(value: object, digits: int = 1) -> str:
 
 
 def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
+    arm_keys = list(arm_keys) or ["arm"]
     header = [*arm_keys, "seeds", "kNN top-1", "linear probe", "prototypes in use", "kappa median [90% range]",
               "teacher entropy", "collapsed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -117,8 +124,8 @@ def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _arm_name(run: pd.Series, arm_keys: Sequence[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={run.get(f'params.{k}')}" for k in arm_keys)
+def _arm_name(row: pd.Series, arm_keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in arm_keys) or "all"
 
 
 def write_report(
@@ -130,6 +137,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     runs = child_runs(uri, experiment, parent_run_id)
     table = arm_table(runs, arm_keys)
+    for key in arm_keys:  # the same arm strings as the table
+        column = next(c for c in (f"tags.raydino.arm.{key}", f"params.{key}") if c in runs)
+        runs[key] = runs[column].fillna("-")
     markdown = to_markdown(table, arm_keys)
     files = [out / "arms.md", out / "arms.csv"]
     files[0].write_text(markdown + "\n")

@@ -184,6 +184,9 @@ class RunLogger:
         return True
 
     def download_artifact(self, artifact_path: str, dst: str | os.PathLike[str]) -> Path:
+        """Copy one artifact of the run into ``dst`` (quietly: no per-file progress bar)."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
 
 

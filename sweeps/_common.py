@@ -13,6 +13,20 @@ if str(REPO) not in sys.path:  # run as `python sweeps/x.py` from a checkout
 from raydino.config import PRESETS, Config, load_config  # noqa: E402
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) -> None:
     parser.add_argument("--preset", default="cpu_demo", choices=sorted(PRESETS),
                         help="base settings (default cpu_demo: a tiny ViT on one CPU machine)")
@@ -20,15 +34,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) ->
     parser.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on")
     parser.add_argument("--source", choices=["digits", "fashion_mnist"],
                         help="an embedded dataset instead (fashion_mnist needs the Debian package)")
-    parser.add_argument("--seeds", type=int, default=default_seeds, help=f"seeds per arm (default {default_seeds})")
+    parser.add_argument("--seeds", type=_positive, default=default_seeds, help=f"seeds per arm (default {default_seeds})")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: the budget of the preset)")
     parser.add_argument("--name", help="sweep name: the MLflow parent run and the storage folder")
     parser.add_argument("--out", help="directory for the table and plots (default: sweep_reports/<name>)")
     parser.add_argument("--storage", help="where Tune and Train keep trial checkpoints (default ./raydino_runs)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the sweep script's name)")
-    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
-    parser.add_argument("--retries", type=int, default=1, help="times a failed trial is retried (default 1)")
+    parser.add_argument("--max-concurrent", type=_positive, help="trials at once (default: as many as the Ray "
+                        "cluster fits; with the cpu_demo preset 2, one core each)")
+    parser.add_argument("--retries", type=_non_negative, default=1, help="times a failed trial is retried (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the arms and trials, run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
 

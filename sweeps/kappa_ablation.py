@@ -34,6 +34,11 @@ BUDGET = {  # per preset: what fits the default machine; the user's --epochs / o
 }
 
 
+# cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
+# other presets take what the cluster fits
+LOCAL_CONCURRENCY = {"cpu_demo": 2}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kappa_ablation.py",
@@ -73,8 +78,6 @@ def arms(space: dict[str, Any], arm_keys: list[str]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be at least 1")
     space, arm_keys = ablation_space(args)
     base = base_config(args, BUDGET, experiment="kappa_ablation")
     name = args.name or f"kappa-ablation-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         space=space,
         arm_keys=arm_keys,
         trial_retries=args.retries,
-        max_concurrent_trials=args.max_concurrent,
+        max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
         storage_path=args.storage,
     )
     result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")

@@ -25,6 +25,11 @@ from _common import add_common_arguments, base_config
 BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1"]}
 
 
+# cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
+# other presets take what the cluster fits
+LOCAL_CONCURRENCY = {"cpu_demo": 2}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="temperature_sweep.py",
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         arm_keys=arm_keys,
         asha=None if args.no_asha else Asha("knn_top1", "max", args.grace_period, args.reduction_factor),
         trial_retries=args.retries,
-        max_concurrent_trials=args.max_concurrent,
+        max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
         storage_path=args.storage,
     )
     result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")

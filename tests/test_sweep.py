@@ -12,7 +12,16 @@ from mlflow import MlflowClient
 from ray import tune
 
 from raydino.config import ConfigError, load_config, with_overrides
-from raydino.sweep import Asha, SweepSpec, derive_max_concurrent, parse_space, run_sweep, validate_space
+from raydino.sweep import (
+    Asha,
+    SweepSpec,
+    _close_children,
+    absolute_paths,
+    derive_max_concurrent,
+    parse_space,
+    run_sweep,
+    validate_space,
+)
 from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
 
@@ -81,6 +90,20 @@ def test_validate_space_names_the_bad_point():
     with pytest.raises(ConfigError, match="arm key"):
         validate_space(SweepSpec("s", base, {"seed": [0, 1]}, arm_keys=["loss.vmf"]))
     assert len(validate_space(SweepSpec("s", base, {"loss.vmf": [False, True], "seed": [0, 1, 2]}))) == 6
+    with pytest.raises(ConfigError, match="seed have an empty list"):
+        validate_space(SweepSpec("s", base, {"loss.vmf": [False, True], "seed": []}))
+    folder = with_overrides(base, {"data.source": "imagefolder", "data.path": "/data/train"})
+    with pytest.raises(ConfigError, match="eval.train_path"):  # ASHA without labelled evaluation data
+        validate_space(SweepSpec("s", folder, {"seed": [0, 1]}, asha=Asha()))
+    with pytest.raises(ConfigError, match="only after the last epoch"):
+        validate_space(SweepSpec("s", base, {"seed": [0, 1]}, asha=Asha(metric="final_knn_top1")))
+
+
+def test_relative_paths_are_resolved_for_trials_in_other_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_overrides(load_config(), {"data.source": "imagefolder", "data.path": "train", "eval.test_path": "s3://b/t"})
+    resolved = absolute_paths(cfg)
+    assert resolved.data.path == str(tmp_path / "train") and resolved.eval.test_path == "s3://b/t"
 
 
 def test_max_concurrent_trials_from_cluster_resources():
@@ -90,6 +113,19 @@ def test_max_concurrent_trials_from_cluster_resources():
     gpu = with_overrides(cpu, {"scaling.use_gpu": True, "scaling.num_workers": 4})
     assert derive_max_concurrent([gpu], 1.0, {"CPU": 64, "GPU": 8}) == 2  # GPUs are the limit
     assert derive_max_concurrent([cpu, gpu], 1.0, {"CPU": 64, "GPU": 8}) == 2  # sized for the largest trial
+    with pytest.raises(ConfigError, match="needs 4 GPU"):  # would wait forever
+        derive_max_concurrent([gpu], 1.0, {"CPU": 64, "GPU": 2})
+
+
+def test_runs_left_open_are_closed_as_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = create_run(uri, "s", "parent", {})
+    open_child, done_child = (create_run(uri, "s", f"c{i}", {}, parent_run_id=parent) for i in range(2))
+    RunLogger(uri, done_child).end("FINISHED")
+    assert _close_children(uri, "s", parent, log=lambda _: None)
+    assert RunLogger(uri, open_child).status() == "KILLED" and RunLogger(uri, done_child).status() == "FINISHED"
+    assert RunLogger(uri, parent).status() == "RUNNING"  # the parent is not its own child
+    assert not _close_children(uri, "s", parent, log=lambda _: None)
 
 
 # --- the sweep scripts ------------------------------------------------------------------
@@ -170,6 +206,9 @@ def test_arm_table_and_report_from_mlflow(tmp_path):
     assert "| True | logit | 2/2 | 62.0 ± 2.8 | 57.0 | 7 | 10.5 [5.0, 20.0] | 1.00 | 0/2 |" in markdown
     assert "| False | logit | 1/2 (1 failed) | 50.0 ± - |" in markdown
 
+    everything = arm_table(child_runs(uri, "abl", parent), [])  # no arm keys: one row
+    assert list(everything["arm"]) == ["all"] and everything["trials"].item() == 4
+
     text, files = write_report(uri, "abl", parent, ["loss.vmf", "loss.centering"], tmp_path / "report")
     assert text == markdown
     assert sorted(f.name for f in files) == ["arms.csv", "arms.md", "kappa_histograms.png", "knn_per_arm.png",
@@ -231,7 +270,10 @@ def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session,
     # LayerScale initialised at 1e30 makes the loss NaN at step 0: a trial that raises, every attempt
     spec = SweepSpec("fail", base, {"model.kwargs.init_values": [None, 1.0e30]}, trial_retries=1,
                      storage_path=tmp_path / "runs")
-    result = run_sweep(spec, log=lambda _: None)
+    def broken_report(_):
+        raise RuntimeError("plotting went wrong")
+
+    result = run_sweep(spec, log=lambda _: None, report=broken_report)  # a failing report loses no outcome
 
     by_init = {t.overrides["model.kwargs.init_values"]: t for t in result.trials}
     failed, ok = by_init[1.0e30], by_init[None]
@@ -244,3 +286,4 @@ def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session,
     assert runs[ok.trial_id].info.status == "FINISHED" and "final_knn_top1" in runs[ok.trial_id].data.metrics
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["raydino.failed_trials"] == failed.trial_id
+    assert parent.data.tags["raydino.report_error"] == "plotting went wrong"

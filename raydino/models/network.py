@@ -46,7 +46,11 @@ class MultiCropNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def forward(
+        self, crops: Sequence[Tensor], return_features: bool = False
+    ) -> tuple[list[Tensor], Tensor] | tuple[list[Tensor], Tensor, list[Tensor]]:
+        """Scores per crop and prototype norms; with ``return_features`` also the backbone
+        features per crop (for a regulariser on them, e.g. KoLeo)."""
         features = []
         start = 0
         while start < len(crops):
@@ -55,7 +59,10 @@ class MultiCropNetwork(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(list(crops[start:end]))))
             start = end
-        scores = self.head(torch.cat(features))
+        all_features = torch.cat(features)
+        scores = self.head(all_features)
+        if return_features:
+            return list(scores.chunk(len(crops))), self.head.prototype_norms(), list(all_features.chunk(len(crops)))
         return list(scores.chunk(len(crops))), self.head.prototype_norms()
 
 

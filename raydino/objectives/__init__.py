@@ -2,6 +2,7 @@
 
 from raydino.objectives.centering import CENTERING_MODES, Centering, make_centering
 from raydino.objectives.dino import DINOLoss, LossOutput
+from raydino.objectives.koleo import koleo_loss
 from raydino.objectives.vmf import bessel_ratio, log_vmf_normalizer, vmf_logits
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DINOLoss",
     "LossOutput",
     "bessel_ratio",
+    "koleo_loss",
     "log_vmf_normalizer",
     "make_centering",
     "vmf_logits",

@@ -80,6 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(cfg, student_module)
 
     step, epoch, batch_in_epoch, last_checkpoint_step = 0, 0, 0, None
+    restored_eval: dict[str, float] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -93,6 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch_in_epoch = round(batch_in_epoch * steps_per_epoch / state["steps_per_epoch"])
             step = epoch * steps_per_epoch + batch_in_epoch  # same progress through the run, same schedules
         last_checkpoint_step = step
+        restored_eval = state.get("latest_eval", {})
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if rank == 0:
             print(f"raydino: resumed from step {step} (epoch {epoch + 1}, batch {batch_in_epoch})", flush=True)
@@ -133,6 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "batch_in_epoch": batch_in_epoch,
             "steps_per_epoch": steps_per_epoch,
             "rng": rngs,
+            "latest_eval": latest_eval,
         }
         with tempfile.TemporaryDirectory(prefix="raydino-ckpt-") as tmp:
             write_checkpoint(Path(tmp), state, cfg.to_yaml())
@@ -145,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     metrics: dict[str, float] = {}
     evaluating = rank == 0 and eval_data is not None and cfg.eval.every_epochs > 0
-    latest_eval: dict[str, float] = {"knn_top1": float("nan")} if evaluating else {}
+    latest_eval: dict[str, float] = (restored_eval or {"knn_top1": float("nan")}) if evaluating else {}
     while epoch < cfg.optim.epochs:
         if rank == 0:
             ray.get(epoch_clock.set.remote(epoch), timeout=60)
