@@ -26,11 +26,14 @@ if TYPE_CHECKING:
 COLLAPSE_NATS = 0.1  # below this, targets are (nearly) the same for every sample
 
 
-def is_collapsed(teacher_entropy: float, mean_target_entropy: float) -> bool:
+def is_collapsed(teacher_entropy: float, mean_target_entropy: float, prototypes_in_use: float = math.nan) -> bool:
     """Collapse as objective.md describes it: the teacher's targets no longer depend on the
     sample. H(mean target) - mean H(target) is the information the targets carry about the
     sample (zero for uniform *and* for one-hot-on-the-same-prototype collapse); a
-    mean-target entropy near zero is the one-prototype case on its own."""
+    mean-target entropy near zero is the one-prototype case on its own; and a single
+    argmax prototype over the whole evaluation set means every sample gets the same answer."""
+    if prototypes_in_use == 1:
+        return True
     if math.isnan(teacher_entropy) or math.isnan(mean_target_entropy):
         return False
     return mean_target_entropy - teacher_entropy < COLLAPSE_NATS or mean_target_entropy < COLLAPSE_NATS
@@ -71,7 +74,9 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     runs["kappa_q95"] = _metric(runs, "final_kappa_teacher_q95")
     runs["entropy"] = _metric(runs, "teacher_entropy")
     runs["mean_target_entropy"] = _metric(runs, "mean_target_entropy")
-    runs["collapsed"] = [is_collapsed(a, b) for a, b in zip(runs["entropy"], runs["mean_target_entropy"])]
+    runs["collapsed"] = [
+        is_collapsed(h, hm, k) for h, hm, k in zip(runs["entropy"], runs["mean_target_entropy"], runs["prototypes"])
+    ]
     rows = []
     for arm, group in runs.groupby(keys, sort=True):
         arm = arm if isinstance(arm, tuple) else (arm,)

@@ -172,6 +172,8 @@ def test_collapse_flag():
     assert is_collapsed(0.01, 0.02)  # the same one-hot target for every sample
     assert not is_collapsed(0.5, 5.0)  # sharp targets that differ between samples
     assert not is_collapsed(float("nan"), 1.0)
+    assert is_collapsed(0.5, 5.0, prototypes_in_use=1)  # one argmax prototype for every evaluation image
+    assert not is_collapsed(0.5, 5.0, prototypes_in_use=2)
 
 
 def test_arm_table_and_report_from_mlflow(tmp_path):
