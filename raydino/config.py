@@ -301,18 +301,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any, label: str) -> None:
+    """Set ``tree[a][b]...[z] = value`` for path [a, b, ..., z], creating sections on the way."""
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {label!r}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in a nested dict; an unknown section or key is caught at validation."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         path, value = parse_override(text)
-        node = tree
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        _set_dotted(tree, path, value, text)
     return tree
 
 
@@ -405,12 +410,5 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """``cfg`` with dotted keys set to already-typed values (a Tune trial's sample); validated."""
     tree = cfg.model_dump(mode="json")
     for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        node = tree
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
+        _set_dotted(tree, dotted.split("."), copy.deepcopy(value), dotted)
     return build_config(tree)

@@ -51,18 +51,24 @@ def child_runs(uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
     return runs
 
 
-def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
-    """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std,
-    linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
-    over seeds), final teacher entropy, and how many seeds collapsed."""
+def with_arm_columns(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
+    """A copy of ``runs`` with one column per arm key: the sweep's ``raydino.arm.<key>`` tag, or
+    for runs made outside a sweep the param of that name."""
     runs = runs.copy()
-    keys = []
-    for key in arm_keys:  # sweep runs carry their arm as tags; other runs have the params
+    for key in arm_keys:
         column = next((c for c in (f"tags.raydino.arm.{key}", f"params.{key}") if c in runs), None)
         if column is None:
             raise ValueError(f"runs have neither a tag raydino.arm.{key} nor a param {key}")
         runs[key] = runs[column].fillna("-")
-        keys.append(key)
+    return runs
+
+
+def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
+    """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std,
+    linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
+    over seeds), final teacher entropy, and how many seeds collapsed."""
+    runs = with_arm_columns(runs, arm_keys)
+    keys = list(arm_keys)
     if not keys:  # no arm keys (a seed-only sweep): one row for everything
         runs["arm"] = "all"
         keys = ["arm"]
@@ -140,11 +146,8 @@ def write_report(
     usage) for the children of one parent run; returns the markdown and the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = child_runs(uri, experiment, parent_run_id)
+    runs = with_arm_columns(child_runs(uri, experiment, parent_run_id), arm_keys)
     table = arm_table(runs, arm_keys)
-    for key in arm_keys:  # the same arm strings as the table
-        column = next(c for c in (f"tags.raydino.arm.{key}", f"params.{key}") if c in runs)
-        runs[key] = runs[column].fillna("-")
     markdown = to_markdown(table, arm_keys)
     files = [out / "arms.md", out / "arms.csv"]
     files[0].write_text(markdown + "\n")

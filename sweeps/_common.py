@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python sweeps/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-from raydino.config import PRESETS, Config, load_config  # noqa: E402
+from raydino.config import PRESETS, Config, ConfigError, load_config  # noqa: E402
+
+# cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
+# other presets take what the cluster fits
+LOCAL_CONCURRENCY = {"cpu_demo": 2}
 
 
 def _positive(text: str) -> int:
@@ -62,3 +67,35 @@ def base_config(args: argparse.Namespace, budget: dict[str, list[str]], experime
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     return load_config(args.config, [*overrides, *args.overrides], preset=args.preset)
+
+
+def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, space: dict[str, Any],
+                         arm_keys: list[str], asha: Any = None) -> int:
+    """Run the sweep on Tune, print and save its per-arm report; exit status 1 if no trial finished."""
+    from raydino.sweep import SweepSpec
+    from raydino.sweep_report import run_and_report
+
+    spec = SweepSpec(
+        name=name,
+        base=base,
+        space=space,
+        arm_keys=arm_keys,
+        asha=asha,
+        trial_retries=args.retries,
+        max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
+        storage_path=args.storage,
+    )
+    result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")
+    return 1 if result.count("FINISHED") == 0 else 0
+
+
+def run_cli(main: Any) -> int:
+    """Run a script's ``main`` and turn the errors a user can fix (config, data path, tracking
+    store) into one line instead of a traceback."""
+    from raydino.tracking import TrackingError
+
+    try:
+        return main()
+    except (ConfigError, TrackingError, FileNotFoundError) as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 2

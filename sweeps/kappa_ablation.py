@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from _common import add_common_arguments, base_config
+from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
 
 METHODS = {"dino": False, "dino-vmf": True}
 PROTOTYPES = {"normalised": True, "unnormalised": False}
@@ -32,11 +32,6 @@ ARM_KEYS = ["loss.vmf", "head.norm_last_layer", "loss.centering"]
 BUDGET = {  # per preset: what fits the default machine; the user's --epochs / overrides win
     "cpu_demo": ["optim.epochs=3", "loss.warmup_teacher_temp_epochs=1", "scaling.num_workers=1"],
 }
-
-
-# cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
-# other presets take what the cluster fits
-LOCAL_CONCURRENCY = {"cpu_demo": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,21 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from raydino.sweep import SweepSpec
-    from raydino.sweep_report import run_and_report
-
-    spec = SweepSpec(
-        name=name,
-        base=base,
-        space=space,
-        arm_keys=arm_keys,
-        trial_retries=args.retries,
-        max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
-        storage_path=args.storage,
-    )
-    result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")
-    return 1 if result.count("FINISHED") == 0 else 0
+    return run_sweep_and_report(args, name, base, space, arm_keys)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

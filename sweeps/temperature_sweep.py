@@ -20,14 +20,9 @@ import sys
 import time
 from typing import Any
 
-from _common import add_common_arguments, base_config
+from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
 
 BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1"]}
-
-
-# cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
-# other presets take what the cluster fits
-LOCAL_CONCURRENCY = {"cpu_demo": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,22 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from raydino.sweep import Asha, SweepSpec
-    from raydino.sweep_report import run_and_report
+    from raydino.sweep import Asha
 
-    spec = SweepSpec(
-        name=name,
-        base=base,
-        space=space,
-        arm_keys=arm_keys,
-        asha=None if args.no_asha else Asha("knn_top1", "max", args.grace_period, args.reduction_factor),
-        trial_retries=args.retries,
-        max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
-        storage_path=args.storage,
-    )
-    result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")
-    return 1 if result.count("FINISHED") == 0 else 0
+    asha = None if args.no_asha else Asha("knn_top1", "max", args.grace_period, args.reduction_factor)
+    return run_sweep_and_report(args, name, base, space, arm_keys, asha)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

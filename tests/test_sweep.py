@@ -290,3 +290,16 @@ def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session,
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["raydino.failed_trials"] == failed.trial_id
     assert parent.data.tags["raydino.report_error"] == "plotting went wrong"
+
+
+def test_scripts_report_user_errors_in_one_line(capsys, monkeypatch):
+    ablation = _script("kappa_ablation")
+    sys.path.insert(0, str(SWEEPS))
+    try:
+        from _common import run_cli
+    finally:
+        sys.path.remove(str(SWEEPS))
+    monkeypatch.setattr(sys, "argv", ["kappa_ablation.py"])
+    assert run_cli(lambda: ablation.main(["--dry-run", "loss.kappa=1"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kappa_ablation.py: error: invalid configuration") and "Traceback" not in err
