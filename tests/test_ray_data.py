@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from raydino.config import CropsConfig  # noqa: E402
 from raydino.data.augment import crop_names  # noqa: E402
 from raydino.data.embedded import ArrayDataset  # noqa: E402
-from raydino.data.pipeline import MultiCropStage, multicrop_dataset  # noqa: E402
+from raydino.data.pipeline import EpochClock, MultiCropStage, epoch_stream, multicrop_dataset  # noqa: E402
 from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset  # noqa: E402
 
 CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
@@ -120,7 +120,8 @@ def test_multicrop_columns_shapes_dtype(ray_session: None, imagefolder) -> None:
     ds = multicrop_dataset(imagefolder_dataset(root).dataset, CROPS, seed=0, num_actors=1, batch_size=3)
     batch = ds.take_batch(batch_size=10, batch_format="numpy")
     names = crop_names(CROPS.local_number)
-    assert set(batch) == set(names) | {"label"}
+    assert set(batch) == set(names) | {"label", "epoch"}
+    assert batch["epoch"].tolist() == [0] * len(expected)
     for name in names:
         size = CROPS.global_size if name.startswith("global") else CROPS.local_size
         assert batch[name].shape == (len(expected), 3, size, size)  # grayscale became 3 channels
@@ -160,3 +161,31 @@ def test_multicrop_stage_seeds_per_row_from_seed_epoch_and_key() -> None:
     np.testing.assert_array_equal(out["label"], data.labels)
     empty = MultiCropStage(CROPS, seed=3)({k: v[:0] for k, v in batch.items()})
     assert empty["global_0"].shape == (0, 3, CROPS.global_size, CROPS.global_size)
+
+
+@pytest.mark.timeout(90)
+def test_epoch_stream_every_pass_holds_every_row_once_with_its_own_crops(ray_session: None) -> None:
+    """All epochs in one stream: pass e is epoch e's crops (what the stage gives with epoch=e), each row once."""
+    data = _arrays(12)
+    source = array_dataset(data, rows_per_block=4)
+    stream = multicrop_dataset(epoch_stream(source.dataset, 3, block_order_seed=0), CROPS, seed=3, num_actors=1, batch_size=4)
+    rows = stream.take_all()
+    assert len(rows) == 3 * len(data)
+    batch = {"image": data.images, "label": data.labels, "key": np.arange(len(data), dtype=np.int64)}
+    for epoch in range(3):
+        in_pass = [row for row in rows if int(row["epoch"]) == epoch]
+        assert len(in_pass) == len(data)
+        expected = MultiCropStage(CROPS, seed=3, epoch=epoch)(batch)
+        digest = {hashlib.sha1(expected["global_0"][i].tobytes()).hexdigest(): int(data.labels[i]) for i in range(len(data))}
+        assert {hashlib.sha1(row["global_0"].tobytes()).hexdigest(): int(row["label"]) for row in in_pass} == digest
+    # a resumed run restarts the stream with the clock at its epoch: pass 0 becomes that epoch
+    clock = EpochClock.remote(2)
+    resumed = multicrop_dataset(epoch_stream(source.dataset, 1), CROPS, seed=3, num_actors=1, batch_size=4, epoch_clock=clock)
+    again = {hashlib.sha1(row["global_0"].tobytes()).hexdigest() for row in resumed.take_all()}
+    assert again == {hashlib.sha1(row["global_0"].tobytes()).hexdigest() for row in rows if int(row["epoch"]) == 2}
+    ray.kill(clock)
+
+
+def test_epoch_stream_rejects_zero_epochs(ray_session: None) -> None:
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        epoch_stream(ray.data.range(1), 0)

@@ -1,7 +1,7 @@
 """The multi-crop stage: CPU actors turn source rows into fixed-shape uint8 crop columns.
 
 Output rows: one ``(3, S, S)`` uint8 column per crop (names from ``crop_names``, global
-crops first) plus ``label`` (int64). Crops stay uint8 (a quarter of float32's object-store
+crops first) plus ``label`` and ``epoch`` (int64). Crops stay uint8 (a quarter of float32's object-store
 bytes); normalisation happens on the training device.
 
 Reproducibility: each row is cropped under its own seed, derived from ``(seed, epoch,
@@ -10,6 +10,10 @@ actors or which actor got the row. The row key is the source's ``key`` column (s
 ``raydino.data.sources``); rows without one are keyed by a hash of their pixels.
 Re-iterating the same Dataset gives the same crops: pass a different ``epoch`` (or seed)
 to get fresh augmentations.
+
+Training streams all its epochs through one execution (``epoch_stream``): Ray Data starts
+an actor pool per execution, and on small datasets restarting the crop actors every epoch
+(each imports torch) cost more than half of every epoch. Rows carry their epoch index.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 from raydino.config import CropsConfig
 from raydino.data.augment import MultiCrop, crop_names
 from raydino.data.sources import UNKNOWN_LABEL
+
+EPOCH_COLUMN = "epoch"
 
 
 def row_seed(seed: int, epoch: int, key: int) -> int:
@@ -53,10 +59,9 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """The current training epoch, set by the training loop and read by the crop actors.
-
-    A Dataset is iterated once per epoch with the same transforms; reading the epoch here
-    gives every epoch fresh (and still reproducible) crops without rebuilding the pipeline.
+    """The epoch at which this run (or attempt) starts streaming, set by the training loop
+    and read by the crop actors: a resumed run gets the crops of the epochs it resumes at,
+    not those of the epochs it already trained on, without rebuilding the pipeline.
     """
 
     def __init__(self, epoch: int = 0) -> None:
@@ -69,8 +74,37 @@ class EpochClock:
         return self._epoch
 
 
+def _tag_epoch(batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    batch[EPOCH_COLUMN] = np.full(len(next(iter(batch.values()))), epoch, dtype=np.int64)
+    return batch
+
+
+def epoch_stream(ds: ray.data.Dataset, epochs: int, block_order_seed: int | None = None) -> ray.data.Dataset:
+    """``epochs`` passes over ``ds`` as one Dataset, each row tagged with its pass index.
+
+    One execution serves the whole run, so downstream actors (multi-crop) start once.
+    Every pass re-reads the source (file sources reshuffle their file order). Ray Data
+    runs a few passes at once and interleaves their blocks, so each pass needs its own
+    order: ``block_order_seed`` gives in-memory sources (whose blocks already exist) a
+    different block order per pass; file sources get theirs from their file shuffle.
+    Every image still appears exactly once per pass.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    passes = []
+    for e in range(epochs):
+        one = ds if block_order_seed is None else ds.randomize_block_order(seed=block_order_seed * 100_003 + e)
+        passes.append(one.map_batches(_tag_epoch, fn_kwargs={"epoch": e}, batch_format="numpy", batch_size=None))
+    return passes[0].union(*passes[1:]) if epochs > 1 else passes[0]
+
+
 class MultiCropStage:
-    """Callable class for ``map_batches`` on an actor pool: builds the transforms once per actor."""
+    """Callable class for ``map_batches`` on an actor pool: builds the transforms once per actor.
+
+    A row's epoch is ``epoch`` (or the ``EpochClock``'s value), plus the row's ``epoch`` column
+    when it has one (``epoch_stream``): a run resumed at epoch k sets the clock to k and
+    streams passes 0, 1, ... again as epochs k, k + 1, ...
+    """
 
     def __init__(
         self, crops: CropsConfig, seed: int, epoch: int = 0, torch_threads: int = 1, epoch_clock: Any = None
@@ -86,7 +120,8 @@ class MultiCropStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         n = len(images)
-        epoch = self.epoch if self.epoch_clock is None else ray.get(self.epoch_clock.get.remote())
+        base = self.epoch if self.epoch_clock is None else ray.get(self.epoch_clock.get.remote(), timeout=60)
+        epochs = base + (np.asarray(batch[EPOCH_COLUMN], dtype=np.int64) if EPOCH_COLUMN in batch else np.zeros(n, np.int64))
         keys = batch["key"].tolist() if "key" in batch else [_pixel_key(np.asarray(im)) for im in images]
         labels = np.asarray(batch["label"], dtype=np.int64) if "label" in batch else np.full(n, UNKNOWN_LABEL, np.int64)
         columns: list[list[np.ndarray]] = [[] for _ in self.names]
@@ -94,7 +129,7 @@ class MultiCropStage:
         torch.set_num_threads(self.torch_threads)  # per-image ops are tiny: intra-op threads only oversubscribe
         try:
             with torch.random.fork_rng(devices=[]):
-                for image, key in zip(images, keys):
+                for image, key, epoch in zip(images, keys, epochs.tolist()):
                     torch.manual_seed(row_seed(self.seed, epoch, int(key)))
                     for column, view in zip(columns, self.multicrop(_chw(image))):
                         column.append(view.numpy())
@@ -105,6 +140,7 @@ class MultiCropStage:
             for name, column, size in zip(self.names, columns, self.sizes)
         }
         out["label"] = labels
+        out[EPOCH_COLUMN] = epochs
         return out
 
 

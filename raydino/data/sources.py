@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp")
 UNKNOWN_LABEL = -1
 _DECODE_BATCH = 64  # images decoded per task call: bounds the memory of one output block
-_ROWS_PER_BLOCK = 2048  # rows per block for in-memory arrays
+_ROWS_PER_BLOCK = 64  # rows per block for in-memory arrays: small blocks stream through the crop actors
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -88,6 +88,8 @@ class ImageSource:
     skipped: SkippedImages = field(default_factory=SkippedImages)
     num_files: int = 0
     """Rows expected before decoding (files listed, or array rows); undecodable files come off this."""
+    in_memory: bool = False
+    """Blocks already exist (embedded arrays): reordering them per epoch costs nothing."""
 
 
 def _missing(path: Path, expected: str) -> FileNotFoundError:
@@ -258,7 +260,7 @@ def array_dataset(data: ArrayDataset, rows_per_block: int = _ROWS_PER_BLOCK) -> 
         )
         for start in range(0, len(labels), rows_per_block)
     ]
-    return ImageSource(ray.data.from_arrow(tables), tuple(data.classes), num_files=len(labels))
+    return ImageSource(ray.data.from_arrow(tables), tuple(data.classes), num_files=len(labels), in_memory=True)
 
 
 def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) -> ImageSource:

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
-from raydino.data.pipeline import EpochClock, multicrop_dataset
+from raydino.data.pipeline import EpochClock, epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.train.loop import TrainingDiverged, train_loop_per_worker
 
@@ -182,7 +182,7 @@ def run_pretraining(
     eval_data = load_eval_data(cfg)
     clock = EpochClock.remote()
     dataset = multicrop_dataset(
-        source.dataset,
+        epoch_stream(source.dataset, cfg.optim.epochs, cfg.seed if source.in_memory else None),
         cfg.data.crops,
         cfg.seed,
         cfg.data.num_crop_actors,

@@ -1,8 +1,9 @@
 """The Ray Train worker loop: DDP student, EMA teacher, Ray Data shards, checkpoints.
 
 Everything numerical is in ``raydino.engine.DINOStep``; this module adds what a
-distributed run needs: device placement, the dataset shard, per-epoch augmentation
-seeds (through the EpochClock), resumable checkpoints, evaluation and logging on rank 0.
+distributed run needs: device placement, the dataset shard (all epochs in one stream,
+see ``raydino.data.pipeline.epoch_stream``), per-epoch augmentation seeds (through the
+EpochClock), resumable checkpoints, evaluation and logging on rank 0.
 """
 
 from __future__ import annotations
@@ -149,12 +150,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics: dict[str, float] = {}
     evaluating = rank == 0 and eval_data is not None and cfg.eval.every_epochs > 0
     latest_eval: dict[str, float] = (restored_eval or {"knn_top1": float("nan")}) if evaluating else {}
-    while epoch < cfg.optim.epochs:
-        if rank == 0:
-            ray.get(epoch_clock.set.remote(epoch), timeout=60)
-        _barrier()  # no worker starts the epoch's data before the clock shows it
-        started = time.perf_counter()
-        batches = shard.iter_torch_batches(
+    if rank == 0:  # this attempt streams epochs epoch, epoch + 1, ... (see EpochClock)
+        ray.get(epoch_clock.set.remote(epoch), timeout=60)
+    _barrier()  # no worker starts the data before the clock shows it
+    # One iterator for the whole run: one Ray Data execution, crop actors started once.
+    # After a resume the stream starts afresh; the steps already trained are not replayed.
+    stream = iter(
+        shard.iter_torch_batches(
             batch_size=batch_size,
             drop_last=True,
             prefetch_batches=2,
@@ -162,13 +164,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
             device="cpu",
         )
-        seen = 0
-        for batch in batches:
-            if seen >= steps_per_epoch:
-                break
-            seen += 1
-            if seen <= batch_in_epoch:  # resuming mid-epoch: these batches were already trained on
-                continue
+    )
+    while epoch < cfg.optim.epochs:
+        started = time.perf_counter()
+        while batch_in_epoch < steps_per_epoch:
+            batch = next(stream, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"the data stream ended at step {step} of {total_steps}: fewer rows than "
+                    f"{cfg.optim.epochs} epochs x {steps_per_epoch} steps; was the dataset changed during the run?"
+                )
             crops = normalize_crops([batch[name] for name in names], device)
             try:
                 metrics = step_fn(crops, step, total_steps)
@@ -176,12 +181,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 where = f"step {last_checkpoint_step}" if last_checkpoint_step is not None else "none yet"
                 raise TrainingDiverged(f"{exc} Last good checkpoint: {where}.") from None
             step += 1
-            batch_in_epoch = seen
+            batch_in_epoch += 1
             if logger is not None and step % cfg.tracking.log_every_steps == 0:
                 metrics.update(_kappa_metrics(student_module.head.prototype_norms(), teacher.head.prototype_norms(), cfg, metrics["teacher_temp"]))
                 logger.log_metrics({**metrics, "epoch": epoch}, step)
             every = cfg.checkpoint.every_steps
-            if every and step % every == 0 and seen < steps_per_epoch:
+            if every and step % every == 0 and batch_in_epoch < steps_per_epoch:
                 save_and_report(metrics)
         epoch_metrics = {**metrics, "epoch_seconds": time.perf_counter() - started}
         if evaluating and (epoch + 1) % cfg.eval.every_epochs == 0:
