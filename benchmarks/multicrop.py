@@ -1,8 +1,15 @@
 """Images/s of the Ray Data multi-crop stage against a torch DataLoader doing the same work.
 
 Both apply the same torchvision v2 MultiCrop (2 global + M local crops, uint8 out) with
-the same number of worker processes, on the same in-memory images; both are timed on
-a second, warm pass (actor / worker start-up excluded), median over rounds.
+the same number of worker processes to the same in-memory images, over several epochs
+the way training consumes them: Ray Data as one stream of all epochs
+(``epoch_stream``, the crop actors start once), the DataLoader with persistent workers.
+Two figures per round, each a ratio Ray Data / DataLoader:
+
+- steady state: images/s after the first epoch's worth of images (start-up excluded);
+- whole run: images/s including start-up (actors import torch; DataLoader workers fork).
+
+Each round starts both afresh; the figures are medians over rounds.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -23,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from raydino.config import load_config  # noqa: E402
 from raydino.data.augment import MultiCrop  # noqa: E402
 from raydino.data.embedded import ArrayDataset, load_digits  # noqa: E402
-from raydino.data.pipeline import multicrop_dataset  # noqa: E402
+from raydino.data.pipeline import epoch_stream, multicrop_dataset  # noqa: E402
 from raydino.data.sources import array_dataset  # noqa: E402
 
 
@@ -38,53 +46,69 @@ class _Crops(Dataset):
         return self.multicrop(torch.from_numpy(self.data.images[i]))
 
 
-def _time_loader(loader: DataLoader) -> float:
-    start, n = time.perf_counter(), 0
-    for batch in loader:
-        n += len(batch[0])
-    return n / (time.perf_counter() - start)
+def _rates(batch_sizes: Iterable[int], epoch_rows: int) -> tuple[float, float]:
+    """(steady-state, whole-run) images/s of a stream of batches, timed as it is consumed."""
+    start = time.perf_counter()
+    total, warm_at, warm_rows = 0, None, 0
+    for n in batch_sizes:
+        total += n
+        if warm_at is None and total >= epoch_rows:
+            warm_at, warm_rows = time.perf_counter(), total
+    end = time.perf_counter()
+    return (total - warm_rows) / (end - warm_at), total / (end - start)
 
 
-def _time_ray(ds: ray.data.Dataset, batch_size: int) -> float:
-    start, n = time.perf_counter(), 0
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        n += len(batch["global_0"])
-    return n / (time.perf_counter() - start)
+def _loader_sizes(data: ArrayDataset, cfg, workers: int, batch: int, epochs: int) -> Iterable[int]:
+    loader = DataLoader(
+        _Crops(data, MultiCrop(cfg.data.crops)), batch_size=batch, num_workers=workers, persistent_workers=True
+    )
+    for _ in range(epochs):
+        for crops in loader:
+            yield len(crops[0])
+
+
+def _ray_sizes(data: ArrayDataset, cfg, workers: int, batch: int, epochs: int) -> Iterable[int]:
+    stream = epoch_stream(array_dataset(data).dataset, epochs, block_order_seed=0)
+    ds = multicrop_dataset(stream, cfg.data.crops, 0, workers, batch)
+    for crops in ds.iter_batches(batch_size=batch, batch_format="numpy"):
+        yield len(crops["global_0"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = Ray Data actors")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=2, help="copies of digits (1,347 images each)")
+    parser.add_argument("--repeat", type=int, default=2, help="copies of digits (1,347 images each) per epoch")
     parser.add_argument("--preset", default="cpu_demo")
     args = parser.parse_args()
     cfg = load_config(preset=args.preset)
     digits = load_digits("train", size=cfg.data.crops.global_size)
-    data = ArrayDataset(np.concatenate([digits.images] * args.repeat), np.concatenate([digits.labels] * args.repeat), digits.classes)
-
+    data = ArrayDataset(
+        np.concatenate([digits.images] * args.repeat), np.concatenate([digits.labels] * args.repeat), digits.classes
+    )
     ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = multicrop_dataset(array_dataset(data, rows_per_block=256).dataset, cfg.data.crops, 0, args.workers, args.batch)
-    loader = DataLoader(
-        _Crops(data, MultiCrop(cfg.data.crops)), batch_size=args.batch, num_workers=args.workers, persistent_workers=True
-    )
-    _time_loader(loader)
-    _time_ray(ds, args.batch)
-    ray_rates, loader_rates, ratios = [], [], []
+    steady, whole = [], []
     for _ in range(args.rounds):
-        loader_rates.append(_time_loader(loader))
-        ray_rates.append(_time_ray(ds, args.batch))
-        ratios.append(ray_rates[-1] / loader_rates[-1])
-    print(f"multicrop  {len(data)} images  crops=2x{cfg.data.crops.global_size}px+{cfg.data.crops.local_number}x"
-          f"{cfg.data.crops.local_size}px  workers={args.workers}  rounds={args.rounds}")
-    print(f"  DataLoader  median {statistics.median(loader_rates):8.1f} images/s")
-    print(f"  Ray Data    median {statistics.median(ray_rates):8.1f} images/s")
-    print(f"  median ratio Ray Data / DataLoader: {statistics.median(ratios):.3f}  (target >= 1.0)")
+        loader = _rates(_loader_sizes(data, cfg, args.workers, args.batch, args.epochs), len(data))
+        on_ray = _rates(_ray_sizes(data, cfg, args.workers, args.batch, args.epochs), len(data))
+        steady.append((on_ray[0], loader[0]))
+        whole.append((on_ray[1], loader[1]))
+        print(f"  round: steady Ray {on_ray[0]:.0f} / DataLoader {loader[0]:.0f} images/s;"
+              f" whole run Ray {on_ray[1]:.0f} / DataLoader {loader[1]:.0f}", flush=True)
     ray.shutdown()
+    print(f"multicrop  {len(data)} images x {args.epochs} epochs  crops=2x{cfg.data.crops.global_size}px+"
+          f"{cfg.data.crops.local_number}x{cfg.data.crops.local_size}px  workers={args.workers}  rounds={args.rounds}")
+    for label, pairs in (("steady state", steady), ("whole run   ", whole)):
+        ray_rate = statistics.median(r for r, _ in pairs)
+        loader_rate = statistics.median(d for _, d in pairs)
+        ratio = statistics.median(r / d for r, d in pairs)
+        print(f"  {label}  DataLoader median {loader_rate:6.1f}  Ray Data median {ray_rate:6.1f} images/s"
+              f"  ratio {ratio:.3f}  (target >= 1.0)")
 
 
 if __name__ == "__main__":

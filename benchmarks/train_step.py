@@ -29,7 +29,7 @@ from ray.data.extensions import ArrowTensorArray  # noqa: E402
 from raydino.config import load_config  # noqa: E402
 from raydino.data.augment import MultiCrop  # noqa: E402
 from raydino.data.embedded import load_digits  # noqa: E402
-from raydino.data.pipeline import EpochClock  # noqa: E402
+from raydino.data.pipeline import EpochClock, epoch_stream  # noqa: E402
 from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops  # noqa: E402
 from raydino.tracking import create_run  # noqa: E402
 from raydino.train.driver import build_trainer, worker_config  # noqa: E402
@@ -62,7 +62,7 @@ def plain_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, epochs: i
 
 def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: str) -> list[float]:
     table = pa.table({k: ArrowTensorArray.from_numpy(v) for k, v in crops.items()})
-    ds = ray.data.from_arrow(table)
+    ds = epoch_stream(ray.data.from_arrow(table), cfg.optim.epochs)  # as in training: one stream, all epochs
     uri = f"sqlite:///{workdir}/mlflow.db"
     run_id = create_run(uri, "bench", "train_step", {})
     clock = EpochClock.remote()
