@@ -29,7 +29,8 @@ from ray.data.extensions import ArrowTensorArray  # noqa: E402
 from raydino.config import load_config  # noqa: E402
 from raydino.data.augment import MultiCrop  # noqa: E402
 from raydino.data.embedded import load_digits  # noqa: E402
-from raydino.data.pipeline import EpochClock, epoch_stream  # noqa: E402
+from raydino.data.clock import EpochClock  # noqa: E402
+from raydino.data.pipeline import epoch_stream  # noqa: E402
 from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops  # noqa: E402
 from raydino.tracking import create_run  # noqa: E402
 from raydino.train.driver import build_trainer, worker_config  # noqa: E402

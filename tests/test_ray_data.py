@@ -14,7 +14,8 @@ from PIL import Image  # noqa: E402
 from raydino.config import CropsConfig  # noqa: E402
 from raydino.data.augment import crop_names  # noqa: E402
 from raydino.data.embedded import ArrayDataset  # noqa: E402
-from raydino.data.pipeline import EpochClock, MultiCropStage, epoch_stream, multicrop_dataset  # noqa: E402
+from raydino.data.clock import EpochClock  # noqa: E402
+from raydino.data.pipeline import MultiCropStage, epoch_stream, multicrop_dataset  # noqa: E402
 from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset  # noqa: E402
 
 CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SIZE = 32
@@ -32,8 +30,10 @@ class ArrayDataset:
 
 def load_digits(split: str = "train", size: int = DIGITS_SIZE, seed: int = 0) -> ArrayDataset:
     """scikit-learn's 1,797 8x8 digits, upsampled to ``size`` px; a fixed stratified 75/25 split."""
+    import torch  # here, not at module level: Ray Data read tasks import this module's package
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
+    from torch.nn import functional as F
 
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import ray.data
 import torch
+from ray.data.expressions import lit
 
 from raydino.config import CropsConfig
 from raydino.data.augment import MultiCrop, crop_names
@@ -57,28 +58,6 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-@ray.remote(num_cpus=0)
-class EpochClock:
-    """The epoch at which this run (or attempt) starts streaming, set by the training loop
-    and read by the crop actors: a resumed run gets the crops of the epochs it resumes at,
-    not those of the epochs it already trained on, without rebuilding the pipeline.
-    """
-
-    def __init__(self, epoch: int = 0) -> None:
-        self._epoch = epoch
-
-    def set(self, epoch: int) -> None:
-        self._epoch = epoch
-
-    def get(self) -> int:
-        return self._epoch
-
-
-def _tag_epoch(batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
-    batch[EPOCH_COLUMN] = np.full(len(next(iter(batch.values()))), epoch, dtype=np.int64)
-    return batch
-
-
 def epoch_stream(ds: ray.data.Dataset, epochs: int, block_order_seed: int | None = None) -> ray.data.Dataset:
     """``epochs`` passes over ``ds`` as one Dataset, each row tagged with its pass index.
 
@@ -94,14 +73,15 @@ def epoch_stream(ds: ray.data.Dataset, epochs: int, block_order_seed: int | None
     passes = []
     for e in range(epochs):
         one = ds if block_order_seed is None else ds.randomize_block_order(seed=block_order_seed * 100_003 + e)
-        passes.append(one.map_batches(_tag_epoch, fn_kwargs={"epoch": e}, batch_format="numpy", batch_size=None))
+        # an expression, not a Python function: the tasks that run it need not import raydino (torch)
+        passes.append(one.with_column(EPOCH_COLUMN, lit(e)))
     return passes[0].union(*passes[1:]) if epochs > 1 else passes[0]
 
 
 class MultiCropStage:
     """Callable class for ``map_batches`` on an actor pool: builds the transforms once per actor.
 
-    A row's epoch is ``epoch`` (or the ``EpochClock``'s value), plus the row's ``epoch`` column
+    A row's epoch is ``epoch`` (or the value of ``raydino.data.clock.EpochClock``), plus the row's ``epoch`` column
     when it has one (``epoch_stream``): a run resumed at epoch k sets the clock to k and
     streams passes 0, 1, ... again as epochs k, k + 1, ...
     """

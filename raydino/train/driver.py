@@ -22,7 +22,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
-from raydino.data.pipeline import EpochClock, epoch_stream, multicrop_dataset
+from raydino.data.clock import EpochClock
+from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.train.loop import TrainingDiverged, train_loop_per_worker
 
