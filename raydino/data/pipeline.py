@@ -19,16 +19,21 @@ an actor pool per execution, and on small datasets restarting the crop actors ev
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.data
-import torch
 from ray.data.expressions import lit
 
 from raydino.config import CropsConfig
-from raydino.data.augment import MultiCrop, crop_names
 from raydino.data.sources import UNKNOWN_LABEL
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and torchvision are imported where they are used, not here: every process that
+# unpickles this Dataset's plan (Ray Data's split coordinator, a sweep's trial driver)
+# imports this module, and only the crop actors need them (seconds of CPU each).
 
 EPOCH_COLUMN = "epoch"
 
@@ -48,6 +53,8 @@ def _pixel_key(image: np.ndarray) -> int:
 
 def _chw(image: np.ndarray) -> torch.Tensor:
     """uint8 CHW tensor (HW accepted as one channel); a copy, since Ray hands read-only buffers."""
+    import torch
+
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(f"multi-crop expects uint8 images, got {array.dtype}")
@@ -89,6 +96,8 @@ class MultiCropStage:
     def __init__(
         self, crops: CropsConfig, seed: int, epoch: int = 0, torch_threads: int = 1, epoch_clock: Any = None
     ) -> None:
+        from raydino.data.augment import MultiCrop, crop_names
+
         self.torch_threads = torch_threads
         self.multicrop = MultiCrop(crops)
         self.names = crop_names(crops.local_number)
@@ -105,6 +114,8 @@ class MultiCropStage:
         keys = batch["key"].tolist() if "key" in batch else [_pixel_key(np.asarray(im)) for im in images]
         labels = np.asarray(batch["label"], dtype=np.int64) if "label" in batch else np.full(n, UNKNOWN_LABEL, np.int64)
         columns: list[list[np.ndarray]] = [[] for _ in self.names]
+        import torch
+
         threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)  # per-image ops are tiny: intra-op threads only oversubscribe
         try:
