@@ -22,17 +22,17 @@ from collections.abc import Iterable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import numpy as np
+import ray
+import ray.data
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-from raydino.config import load_config  # noqa: E402
-from raydino.data.augment import MultiCrop  # noqa: E402
-from raydino.data.embedded import ArrayDataset, load_digits  # noqa: E402
-from raydino.data.pipeline import epoch_stream, multicrop_dataset  # noqa: E402
-from raydino.data.sources import array_dataset  # noqa: E402
+from raydino.config import load_config
+from raydino.data.augment import MultiCrop
+from raydino.data.embedded import ArrayDataset, load_digits
+from raydino.data.pipeline import epoch_stream, multicrop_dataset
+from raydino.data.sources import array_dataset
 
 
 class _Crops(Dataset):

@@ -17,23 +17,23 @@ import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from ray.data.extensions import ArrowTensorArray  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+import torch
+from mlflow import MlflowClient
+from ray.data.extensions import ArrowTensorArray
 
-from raydino.config import load_config  # noqa: E402
-from raydino.data.augment import MultiCrop  # noqa: E402
-from raydino.data.embedded import load_digits  # noqa: E402
-from raydino.data.clock import EpochClock  # noqa: E402
-from raydino.data.pipeline import epoch_stream  # noqa: E402
-from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops  # noqa: E402
-from raydino.tracking import create_run  # noqa: E402
-from raydino.train.driver import build_trainer, worker_config  # noqa: E402
+from raydino.config import load_config
+from raydino.data.augment import MultiCrop
+from raydino.data.clock import EpochClock
+from raydino.data.embedded import load_digits
+from raydino.data.pipeline import epoch_stream
+from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops
+from raydino.tracking import create_run
+from raydino.train.driver import build_trainer, worker_config
 
 
 def premade_crops(cfg, n_images: int) -> dict[str, np.ndarray]:

@@ -150,9 +150,10 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
 
 
 def _imagefolder(root: Path) -> Path:
+    """79 good images and one corrupt file: 80 files listed, 79 rows per pass."""
     rng = np.random.default_rng(0)
     for c in range(2):
-        for i in range(40):
+        for i in range(40 - c):
             img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
             img[:, :, c] = 255
             path = root / f"class{c}" / f"{i}.png"
@@ -169,7 +170,8 @@ def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_p
                "data.batch_size_per_worker=8", "tracking.run_name=folder")
     summary = pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None)
     assert summary.result.skipped_images == 1
-    assert summary.result.steps == 81 // 2 // 8
+    # 5 steps x 2 workers x 8 planned from 80 files; one pass holds 79 rows: the spare pass fills the last step
+    assert summary.result.steps == 80 // 2 // 8
     run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
     assert run.data.metrics["skipped_images"] == 1
     # the same folder evaluates a checkpoint (80/20 split into kNN bank and test set)
@@ -214,3 +216,11 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(ray_session, tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("raydino")
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
+
+
+def test_stream_has_spare_passes_for_skipped_files():
+    from raydino.train.driver import stream_passes
+
+    for epochs in (1, 2, 6, 7, 8, 50, 100, 1000):
+        assert stream_passes(epochs) > epochs
+        assert 0.9 * stream_passes(epochs) >= epochs  # 10% of the files may turn out undecodable

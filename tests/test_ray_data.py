@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-from PIL import Image  # noqa: E402
+import ray
+import ray.data
+from PIL import Image
 
-from raydino.config import CropsConfig  # noqa: E402
-from raydino.data.augment import crop_names  # noqa: E402
-from raydino.data.embedded import ArrayDataset  # noqa: E402
-from raydino.data.clock import EpochClock  # noqa: E402
-from raydino.data.pipeline import MultiCropStage, epoch_stream, multicrop_dataset  # noqa: E402
-from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset  # noqa: E402
+from raydino.config import CropsConfig
+from raydino.data.augment import crop_names
+from raydino.data.clock import EpochClock
+from raydino.data.embedded import ArrayDataset
+from raydino.data.pipeline import MultiCropStage, epoch_stream, multicrop_dataset
+from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset
 
 CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
 

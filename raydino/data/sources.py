@@ -158,7 +158,7 @@ def _decode_batch(
     prefix = root.rstrip("/") + "/"
     for data, path in zip(batch["bytes"], batch["path"]):
         path = str(path)
-        relative = path[len(prefix) :] if path.startswith(prefix) else path
+        relative = path.removeprefix(prefix)
         try:
             image = decode_image(data)
         except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError, ...

@@ -21,8 +21,8 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
-from raydino.data.eval_data import load_eval_data
 from raydino.data.clock import EpochClock
+from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.train.loop import TrainingDiverged, train_loop_per_worker
@@ -55,6 +55,16 @@ def required_cpus(cfg: Config) -> float:
     """Logical CPUs a run needs: train workers + crop actors + one for reading/decoding."""
     train = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     return train + cfg.data.num_crop_actors * cfg.data.cpus_per_crop_actor + 1
+
+
+def stream_passes(epochs: int) -> int:
+    """Passes over the source to stream for ``epochs`` epochs of steps, with slack.
+
+    Steps per epoch come from the files listed; files that turn out undecodable are
+    skipped, so a pass can hold fewer rows. The spare passes (one, plus one per eight
+    epochs) absorb 10% of the files skipped; passes nobody reads are never computed.
+    """
+    return epochs + 1 + epochs // 8
 
 
 def check_data_path(cfg: Config) -> None:
@@ -183,7 +193,7 @@ def run_pretraining(
     eval_data = load_eval_data(cfg)
     clock = EpochClock.remote()
     dataset = multicrop_dataset(
-        epoch_stream(source.dataset, cfg.optim.epochs, cfg.seed if source.in_memory else None),
+        epoch_stream(source.dataset, stream_passes(cfg.optim.epochs), cfg.seed if source.in_memory else None),
         cfg.data.crops,
         cfg.seed,
         cfg.data.num_crop_actors,

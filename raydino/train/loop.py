@@ -147,6 +147,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         last_checkpoint_step = step
 
+    def last_checkpoint() -> str:
+        return f"step {last_checkpoint_step}" if last_checkpoint_step is not None else "none yet"
+
     metrics: dict[str, float] = {}
     evaluating = rank == 0 and eval_data is not None and cfg.eval.every_epochs > 0
     latest_eval: dict[str, float] = (restored_eval or {"knn_top1": float("nan")}) if evaluating else {}
@@ -171,15 +174,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch = next(stream, None)
             if batch is None:
                 raise RuntimeError(
-                    f"the data stream ended at step {step} of {total_steps}: fewer rows than "
-                    f"{cfg.optim.epochs} epochs x {steps_per_epoch} steps; was the dataset changed during the run?"
+                    f"the data stream ended at step {step} of {total_steps}: the dataset yielded fewer images "
+                    f"than the {total_steps} steps planned from the files listed. Undecodable files are skipped "
+                    "(see skipped_images in the log and in MLflow); remove them, or files deleted since the "
+                    f"start, and run again to resume (last checkpoint: {last_checkpoint()})."
                 )
             crops = normalize_crops([batch[name] for name in names], device)
             try:
                 metrics = step_fn(crops, step, total_steps)
             except NonFiniteLossError as exc:
-                where = f"step {last_checkpoint_step}" if last_checkpoint_step is not None else "none yet"
-                raise TrainingDiverged(f"{exc} Last good checkpoint: {where}.") from None
+                raise TrainingDiverged(f"{exc} Last good checkpoint: {last_checkpoint()}.") from None
             step += 1
             batch_in_epoch += 1
             if logger is not None and step % cfg.tracking.log_every_steps == 0:
