@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="copies of digits (1,347 images each) per epoch")
     parser.add_argument("--preset", default="cpu_demo")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the steady state is timed after the first epoch")
     cfg = load_config(preset=args.preset)
     digits = load_digits("train", size=cfg.data.crops.global_size)
     data = ArrayDataset(

@@ -24,4 +24,3 @@ class EpochClock:
 
     def get(self) -> int:
         return self._epoch
-

@@ -193,7 +193,12 @@ def run_pretraining(
     eval_data = load_eval_data(cfg)
     clock = EpochClock.remote()
     dataset = multicrop_dataset(
-        epoch_stream(source.dataset, stream_passes(cfg.optim.epochs), cfg.seed if source.in_memory else None),
+        # in-memory rows cannot turn out undecodable: only file sources need spare passes
+        epoch_stream(
+            source.dataset,
+            cfg.optim.epochs if source.in_memory else stream_passes(cfg.optim.epochs),
+            cfg.seed if source.in_memory else None,
+        ),
         cfg.data.crops,
         cfg.seed,
         cfg.data.num_crop_actors,

@@ -176,8 +176,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(
                     f"the data stream ended at step {step} of {total_steps}: the dataset yielded fewer images "
                     f"than the {total_steps} steps planned from the files listed. Undecodable files are skipped "
-                    "(see skipped_images in the log and in MLflow); remove them, or files deleted since the "
-                    f"start, and run again to resume (last checkpoint: {last_checkpoint()})."
+                    "(each is logged as 'skipping undecodable image <path>'); remove them, or files deleted "
+                    f"since the start, and run again to resume (last checkpoint: {last_checkpoint()})."
                 )
             crops = normalize_crops([batch[name] for name in names], device)
             try:
