@@ -150,10 +150,10 @@ def pretrain(
             logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)
             logger.log_metrics({f"random_init_{k}": v for k, v in final.random_init.items()}, result.steps)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or an exit request: stopped, not broken
-        logger.end("KILLED")
+        logger.end_if_running("KILLED")
         raise
     except BaseException:
-        logger.end("FAILED")
+        logger.end_if_running("FAILED")
         raise
     logger.end("FINISHED")
     return PretrainSummary(result, final, uri, run_id, export_path)

@@ -183,6 +183,15 @@ class RunLogger:
         self.end(status)
         return True
 
+    def end_if_running(self, status: str) -> bool:
+        """Set ``status`` only while the run is RUNNING; True if it was set. Used by a run's own
+        process on its way down: a status set from outside first (a sweep driver ending an
+        ASHA-stopped trial KILLED while the trial still unwinds) is the verdict, not overwritten."""
+        if self.status() != "RUNNING":
+            return False
+        self.end(status)
+        return True
+
     def download_artifact(self, artifact_path: str, dst: str | os.PathLike[str]) -> Path:
         """Copy one artifact of the run into ``dst`` (quietly: no per-file progress bar)."""
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

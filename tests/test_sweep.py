@@ -128,6 +128,16 @@ def test_runs_left_open_are_closed_as_killed(tmp_path):
     assert not _close_children(uri, "s", parent, log=lambda _: None)
 
 
+def test_a_dying_trial_does_not_overwrite_the_drivers_verdict(tmp_path):
+    """ASHA stops a trial: the driver ends its run KILLED while the trial process may still be
+    unwinding through pretrain()'s failure path, which must leave that verdict alone."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    stopped, crashed = (RunLogger(uri, create_run(uri, "s", name, {})) for name in ("stopped", "crashed"))
+    assert stopped.end_unless_finished("KILLED")
+    assert not stopped.end_if_running("FAILED") and stopped.status() == "KILLED"
+    assert crashed.end_if_running("FAILED") and crashed.status() == "FAILED"
+
+
 # --- the sweep scripts ------------------------------------------------------------------
 
 
