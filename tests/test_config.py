@@ -8,7 +8,7 @@ from raydino.objectives import CENTERING_MODES
 
 def test_default_is_cpu_demo():
     cfg = load_config()
-    assert cfg.model.img_size == 32 and cfg.data.source == "digits" and cfg.loss.vmf
+    assert cfg.model.img_size == 16 and cfg.data.source == "digits" and cfg.loss.vmf
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -46,7 +46,7 @@ def test_overrides_and_yaml(tmp_path):
         ("loss.centering=foo", "loss.centering: .*allowed: one of logit, probability, sinkhorn, none"),
         ("head.num_layers=x", "head.num_layers: .*valid integer"),
         ("data.crops.global_scale=[0.5,0.2]", r"data.crops.global_scale=\(0.5, 0.2\): need 0 < low <= high <= 1"),
-        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=6"),
+        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=20"),
         ("data.source=imagefolder", "data.source='imagefolder' needs data.path"),
         ("loss.vmf", "not of the form section.key=value"),
         ("loss.vmf.x=1", "'vmf' is a value, not a section"),
