@@ -9,6 +9,7 @@ EpochClock), resumable checkpoints, evaluation and logging on rank 0.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +59,16 @@ def _quiet_report_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray streams to the driver.
+
+    Ray Train patches ``print`` in its workers to log through the root logger and, when Ray
+    has wrapped ``sys.stdout``, to print as well, so a plain ``print`` reached the console
+    twice. Printing to ``sys.__stdout__`` bypasses that patch (it leaves other files alone).
+    """
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run by every Ray Train worker. ``loop_config`` is built by ``raydino.train.driver``."""
     cfg = Config.model_validate(loop_config["config"])
@@ -98,7 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restored_eval = state.get("latest_eval", {})
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if rank == 0:
-            print(f"raydino: resumed from step {step} (epoch {epoch + 1}, batch {batch_in_epoch})", flush=True)
+            _say(f"raydino: resumed from step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
     total_steps = steps_per_epoch * cfg.optim.epochs
 
     logger = None
@@ -200,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             line = f"epoch {epoch + 1}/{cfg.optim.epochs}  step {step}/{total_steps}  loss {metrics.get('loss', float('nan')):.4f}"
             if "knn_top1" in epoch_metrics:
                 line += f"  kNN top-1 {epoch_metrics['knn_top1']:.1f}%  prototypes in use {epoch_metrics['prototypes_in_use']:.0f}"
-            print(line + f"  ({epoch_metrics['epoch_seconds']:.0f} s)", flush=True)
+            _say(line + f"  ({epoch_metrics['epoch_seconds']:.0f} s)")
             if logger is not None:  # per-step metrics were logged already; add what the epoch adds
                 logger.log_metrics({k: v for k, v in epoch_metrics.items() if k not in metrics}, step)
         epoch += 1
