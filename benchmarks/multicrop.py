@@ -1,15 +1,20 @@
 """Images/s of the Ray Data multi-crop stage against a torch DataLoader doing the same work.
 
-Both apply the same torchvision v2 MultiCrop (2 global + M local crops, uint8 out) with
-the same number of worker processes to the same in-memory images, over several epochs
-the way training consumes them: Ray Data as one stream of all epochs
+Both produce the same DINO views (torchvision v2 MultiCrop: 2 global + M local crops,
+uint8 out) with the same number of worker processes from the same in-memory images, over
+several epochs the way training consumes them: Ray Data as one stream of all epochs
 (``epoch_stream``, the crop actors start once), the DataLoader with persistent workers.
+The DataLoader runs the pipelines image by image, as DINO's and most training code does;
+the Ray Data stage gets a batch per call and applies each augmentation step once per batch
+(``MultiCrop.crop_batch``; identical crops for the same seeds, tested bit for bit).
 Two figures per round, each a ratio Ray Data / DataLoader:
 
 - steady state: images/s after the first epoch's worth of images (start-up excluded);
 - whole run: images/s including start-up (actors import torch; DataLoader workers fork).
 
-Each round starts both afresh; the figures are medians over rounds. The number of
+A third figure separates batching from Ray Data itself: Ray Data against a DataLoader
+whose workers run the same batched code (one ``crop_batch`` call per loader batch),
+steady state. Each round starts all three afresh; the figures are medians over rounds. The number of
 workers defaults to the preset's ``data.num_crop_actors``. With as many workers as the
 machine has cores, Ray's own processes (raylet, GCS, the driver's streaming executor)
 take their share from the crop actors; the DataLoader has no such processes.
@@ -29,7 +34,7 @@ import numpy as np
 import ray
 import ray.data
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from raydino.config import load_config
 from raydino.data.augment import MultiCrop
@@ -61,10 +66,35 @@ def _rates(batch_sizes: Iterable[int], epoch_rows: int) -> tuple[float, float]:
     return (total - warm_rows) / (end - warm_at), total / (end - start)
 
 
-def _loader_sizes(data: ArrayDataset, cfg, workers: int, batch: int, epochs: int) -> Iterable[int]:
-    loader = DataLoader(
-        _Crops(data, MultiCrop(cfg.data.crops)), batch_size=batch, num_workers=workers, persistent_workers=True
-    )
+class _BatchedCrops(Dataset):
+    """Indexed by a list of indices (a whole batch): crops them with one ``crop_batch`` call."""
+
+    def __init__(self, data: ArrayDataset, multicrop: MultiCrop) -> None:
+        self.data, self.multicrop = data, multicrop
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, indices: list[int]) -> list[torch.Tensor]:
+        return self.multicrop.crop_batch([torch.from_numpy(self.data.images[i]) for i in indices], indices)
+
+
+def _loader_sizes(
+    data: ArrayDataset, cfg, workers: int, batch: int, epochs: int, batched: bool = False
+) -> Iterable[int]:
+    if batched:
+        sampler = BatchSampler(SequentialSampler(range(len(data))), batch, drop_last=False)
+        loader = DataLoader(
+            _BatchedCrops(data, MultiCrop(cfg.data.crops)),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=True,
+        )
+    else:
+        loader = DataLoader(
+            _Crops(data, MultiCrop(cfg.data.crops)), batch_size=batch, num_workers=workers, persistent_workers=True
+        )
     for _ in range(epochs):
         for crops in loader:
             yield len(crops[0])
@@ -101,24 +131,31 @@ def main() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    steady, whole = [], []
+    steady, whole, same_code = [], [], []
     for _ in range(args.rounds):
         loader = _rates(_loader_sizes(data, cfg, args.workers, args.batch, args.epochs), len(data))
+        batched = _rates(_loader_sizes(data, cfg, args.workers, args.batch, args.epochs, batched=True), len(data))
         on_ray = _rates(_ray_sizes(data, cfg, args.workers, args.batch, args.epochs), len(data))
         steady.append((on_ray[0], loader[0]))
         whole.append((on_ray[1], loader[1]))
-        print(f"  round: steady Ray {on_ray[0]:.0f} / DataLoader {loader[0]:.0f} images/s;"
-              f" whole run Ray {on_ray[1]:.0f} / DataLoader {loader[1]:.0f}", flush=True)
+        same_code.append((on_ray[0], batched[0]))
+        print(f"  round: steady Ray {on_ray[0]:.0f} / DataLoader {loader[0]:.0f} images/s"
+              f" (batched DataLoader {batched[0]:.0f}); whole run Ray {on_ray[1]:.0f} / DataLoader {loader[1]:.0f}",
+              flush=True)
     ray.shutdown()
     print(f"multicrop  {len(data)} images x {args.epochs} epochs  crops=2x{cfg.data.crops.global_size}px+"
           f"{cfg.data.crops.local_number}x{cfg.data.crops.local_size}px  workers={args.workers}  "
           f"rounds={args.rounds}  (machine: {os.cpu_count()} CPUs)")
-    for label, pairs in (("steady state", steady), ("whole run   ", whole)):
+    for label, pairs, note in (
+        ("steady state", steady, "(target >= 1.0)"),
+        ("whole run   ", whole, "(target >= 1.0)"),
+        ("steady, DataLoader batched too", same_code, "(Ray Data's own cost or gain)"),
+    ):
         ray_rate = statistics.median(r for r, _ in pairs)
         loader_rate = statistics.median(d for _, d in pairs)
         ratio = statistics.median(r / d for r, d in pairs)
         print(f"  {label}  DataLoader median {loader_rate:6.1f}  Ray Data median {ray_rate:6.1f} images/s"
-              f"  ratio {ratio:.3f}  (target >= 1.0)")
+              f"  ratio {ratio:.3f}  {note}")
 
 
 if __name__ == "__main__":

@@ -3,17 +3,28 @@
 Two global crops (different blur / solarisation probabilities, as in DINO) and M
 local crops. Outputs stay uint8 (normalisation happens on the training device),
 each crop with a fixed shape so batches can be stacked column by column.
+
+Two ways to run the same views: ``MultiCrop(image)`` runs torchvision's pipelines on one
+image (what a DataLoader worker does); ``MultiCrop.crop_batch`` draws every image's
+parameters from the same pipelines in torchvision's own order (so a seed gives the same
+crops both ways) and then applies each step once per batch (``raydino.data.batch_ops``),
+which at DINO's small crop sizes costs a fraction of the per-image calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
 from raydino.config import CropsConfig
+from raydino.data import batch_ops
+
+# transforms that draw their own coin (torch.rand(1) >= p) before their parameters
+_COIN_TRANSFORMS = (v2.RandomHorizontalFlip, v2.RandomGrayscale, v2.RandomSolarize)
 
 
 def crop_names(num_local: int) -> list[str]:
@@ -54,6 +65,7 @@ class MultiCrop:
         self.local_view = _view(crops.local_size, crops.local_scale, blur_p=0.5, solarize_p=0.0)
         self.num_local = crops.local_number
         self.to_rgb = v2.RGB()
+        self._plans = [_ViewPlan(view) for view in self.global_views] + [_ViewPlan(self.local_view)] * self.num_local
 
     def __call__(self, image: Tensor) -> list[Tensor]:
         image = self.to_rgb(image)
@@ -72,3 +84,95 @@ class MultiCrop:
         finally:
             torch.set_num_threads(threads)
         return {name: torch.stack([views[i] for views in per_image]) for i, name in enumerate(self.names)}
+
+    def crop_batch(self, images: Sequence[Tensor], seeds: Sequence[int]) -> list[Tensor]:
+        """Crops of each image under its own seed, as one (B, 3, S, S) uint8 tensor per view (``crop_names`` order).
+
+        Image i gets exactly the crops ``self(images[i])`` gives after
+        ``torch.default_generator.manual_seed(seeds[i])``; the global RNG state is restored.
+        """
+        if len(images) != len(seeds):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        rgb = [self.to_rgb(image) for image in images]
+        params: list[list[list[dict[str, Any] | None]]] = []  # [image][view][step]
+        with torch.random.fork_rng(devices=[]):
+            for image, seed in zip(rgb, seeds):
+                torch.default_generator.manual_seed(seed)
+                params.append([plan.draw(image) for plan in self._plans])
+        return [plan.apply(rgb, [p[v] for p in params]) for v, plan in enumerate(self._plans)]
+
+
+class _ViewPlan:
+    """One view's pipeline as steps: draws their parameters per image, applies them per batch."""
+
+    def __init__(self, view: v2.Compose) -> None:
+        self.steps: list[tuple[v2.Transform, float | None]] = []  # (transform, probability it runs or None)
+        for t in view.transforms:
+            if isinstance(t, v2.RandomApply):
+                if len(t.transforms) != 1 or isinstance(t.transforms[0], _COIN_TRANSFORMS):
+                    raise TypeError("batched crops support RandomApply around one transform without its own coin")
+                self.steps.append((t.transforms[0], t.p))
+            else:
+                self.steps.append((t, t.p if isinstance(t, _COIN_TRANSFORMS) else None))
+        first = self.steps[0][0]
+        if not isinstance(first, v2.RandomResizedCrop) or self.steps[0][1] is not None:
+            raise TypeError("a batched view starts with RandomResizedCrop: it fixes the crop size")
+        self.crop = first
+        self.placeholder = torch.empty((3, *first.size), dtype=torch.uint8)  # what later steps see (shape only)
+
+    def draw(self, image: Tensor) -> list[dict[str, Any] | None]:
+        """Each step's parameters for ``image`` (None: its coin said skip), drawn as torchvision's forward draws them."""
+        drawn: list[dict[str, Any] | None] = []
+        for i, (t, p) in enumerate(self.steps):
+            if p is not None and torch.rand(1) >= p:
+                drawn.append(None)
+            else:
+                drawn.append(t.make_params([image if i == 0 else self.placeholder]))
+        return drawn
+
+    def apply(self, images: Sequence[Tensor], params: Sequence[list[dict[str, Any] | None]]) -> Tensor:
+        if not images:
+            return self.placeholder.new_empty((0, *self.placeholder.shape))
+        batch = torch.stack([self.crop.transform(img, p[0]) for img, p in zip(images, params)])
+        for step, (t, _) in enumerate(self.steps[1:], start=1):
+            chosen = [i for i, p in enumerate(params) if p[step] is not None]
+            if chosen:
+                index = torch.tensor(chosen)
+                batch[index] = _apply_batched(t, batch[index], [params[i][step] for i in chosen])
+        return batch
+
+
+def _apply_batched(t: v2.Transform, batch: Tensor, params: list[dict[str, Any]]) -> Tensor:
+    """One step on the crops that drew it, each with its own parameters."""
+    if isinstance(t, v2.RandomHorizontalFlip):
+        return batch.flip(-1)
+    if isinstance(t, v2.RandomGrayscale):
+        return v2.functional.rgb_to_grayscale(batch, num_output_channels=3)
+    if isinstance(t, v2.RandomSolarize):
+        return v2.functional.solarize(batch, threshold=t.threshold)
+    if isinstance(t, v2.GaussianBlur):
+        return batch_ops.gaussian_blur(batch, t.kernel_size, [p["sigma"] for p in params])
+    if isinstance(t, v2.ColorJitter):
+        return _color_jitter(batch, params)
+    # anything else: torchvision per crop (same result, no batching)
+    return torch.stack([t.transform(crop, p) for crop, p in zip(batch, params)])
+
+
+_JITTER_OPS: list[tuple[str, Callable[[Tensor, Sequence[float]], Tensor]]] = [
+    ("brightness_factor", batch_ops.adjust_brightness),
+    ("contrast_factor", batch_ops.adjust_contrast),
+    ("saturation_factor", batch_ops.adjust_saturation),
+    ("hue_factor", batch_ops.adjust_hue),
+]
+
+
+def _color_jitter(batch: Tensor, params: list[dict[str, Any]]) -> Tensor:
+    """ColorJitter with each crop's own factors and its own order of the four adjustments."""
+    order = torch.stack([p["fn_idx"] for p in params])  # (B, 4): crop b's k-th adjustment
+    for k in range(order.shape[1]):
+        for op, (name, fn) in enumerate(_JITTER_OPS):
+            chosen = [i for i in (order[:, k] == op).nonzero().flatten().tolist() if params[i][name] is not None]
+            if chosen:
+                index = torch.tensor(chosen)
+                batch[index] = fn(batch[index], [params[i][name] for i in chosen])
+    return batch

@@ -4,6 +4,9 @@ Output rows: one ``(3, S, S)`` uint8 column per crop (names from ``crop_names``,
 crops first) plus ``label`` and ``epoch`` (int64). Crops stay uint8 (a quarter of float32's object-store
 bytes); normalisation happens on the training device.
 
+Each actor call crops a whole batch at once (``MultiCrop.crop_batch``: parameters drawn
+per image, each augmentation step applied once per batch).
+
 Reproducibility: each row is cropped under its own seed, derived from ``(seed, epoch,
 row key)``, so crops do not depend on batching, block order, shuffling, the number of
 actors or which actor got the row. The row key is the source's ``key`` column (see
@@ -101,7 +104,6 @@ class MultiCropStage:
         self.torch_threads = torch_threads
         self.multicrop = MultiCrop(crops)
         self.names = crop_names(crops.local_number)
-        self.sizes = [crops.global_size] * 2 + [crops.local_size] * crops.local_number
         self.seed = seed
         self.epoch = epoch
         self.epoch_clock = epoch_clock
@@ -113,25 +115,16 @@ class MultiCropStage:
         epochs = base + (np.asarray(batch[EPOCH_COLUMN], dtype=np.int64) if EPOCH_COLUMN in batch else np.zeros(n, np.int64))
         keys = batch["key"].tolist() if "key" in batch else [_pixel_key(np.asarray(im)) for im in images]
         labels = np.asarray(batch["label"], dtype=np.int64) if "label" in batch else np.full(n, UNKNOWN_LABEL, np.int64)
-        columns: list[list[np.ndarray]] = [[] for _ in self.names]
+        seeds = [row_seed(self.seed, epoch, int(key)) for key, epoch in zip(keys, epochs.tolist())]
         import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)  # per-image ops are tiny: intra-op threads only oversubscribe
         try:
-            with torch.random.fork_rng(devices=[]):
-                for image, key, epoch in zip(images, keys, epochs.tolist()):
-                    # the CPU generator alone: torch.manual_seed also seeds (lazily) every accelerator
-                    # backend, a tenth of the per-image cost here
-                    torch.default_generator.manual_seed(row_seed(self.seed, epoch, int(key)))
-                    for column, view in zip(columns, self.multicrop(_chw(image))):
-                        column.append(view.numpy())
+            views = self.multicrop.crop_batch([_chw(image) for image in images], seeds)
         finally:
             torch.set_num_threads(threads)
-        out = {
-            name: np.stack(column) if n else np.empty((0, 3, size, size), dtype=np.uint8)
-            for name, column, size in zip(self.names, columns, self.sizes)
-        }
+        out = {name: view.numpy() for name, view in zip(self.names, views)}
         out["label"] = labels
         out[EPOCH_COLUMN] = epochs
         return out

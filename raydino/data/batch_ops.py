@@ -1,0 +1,76 @@
+"""torchvision's photometric kernels applied to a batch of crops with one parameter per crop.
+
+torchvision's functional kernels take one factor per call, while DINO draws a factor per
+crop; called crop by crop at small sizes they cost far more in Python and dispatch than in
+arithmetic. These functions do the same arithmetic as torchvision's uint8 kernels (same
+formulas, same float32 rounding, fused multiply-add where torchvision's ``add_(alpha=)``
+fuses) once per batch. ``tests/test_batched_crops.py`` compares them with torchvision crop by crop.
+Pure torch: no Ray here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel2d
+
+# torchvision has no per-sample variants of these kernels; its private colour-space helpers
+# already work on batches, so they are reused rather than re-derived.
+
+
+def _factors(values: Sequence[float], ndim: int = 4) -> tuple[Tensor, Tensor]:
+    """(f, 1 - f) as float32 broadcastable to a batch, each rounded from float64 as torchvision's scalars are."""
+    f = torch.tensor(list(values), dtype=torch.float64)
+    shape = (-1,) + (1,) * (ndim - 1)
+    return f.to(torch.float32).view(shape), (1.0 - f).to(torch.float32).view(shape)
+
+
+def _blend(image: Tensor, other: Tensor, ratio: Sequence[float]) -> Tensor:
+    """torchvision's ``_blend`` (``image * r + other * (1 - r)``, clamped) with ``r`` per sample, uint8 out."""
+    r, one_minus_r = _factors(ratio)
+    # addcmul fuses other * (1 - r) + image * r as torchvision's add_(other, alpha=1 - r) does
+    return torch.addcmul(image.mul(r), other, one_minus_r).clamp_(0, 255).to(torch.uint8)
+
+
+def _gray_floor(image: Tensor) -> Tensor:
+    """floor of ITU-R 601 luma, float32 (B, 1, H, W): what contrast and saturation blend against."""
+    return F.rgb_to_grayscale(image, num_output_channels=1).to(torch.float32)
+
+
+def adjust_brightness(image: Tensor, factors: Sequence[float]) -> Tensor:
+    """Per-sample ``F.adjust_brightness`` on uint8 (B, 3, H, W)."""
+    return image.mul(_factors(factors)[0]).clamp_(0, 255).to(torch.uint8)
+
+
+def adjust_contrast(image: Tensor, factors: Sequence[float]) -> Tensor:
+    """Per-sample ``F.adjust_contrast``: blend with each image's mean luma."""
+    mean = torch.mean(_gray_floor(image), dim=(-3, -2, -1), keepdim=True)
+    return _blend(image, mean, factors)
+
+
+def adjust_saturation(image: Tensor, factors: Sequence[float]) -> Tensor:
+    """Per-sample ``F.adjust_saturation``: blend with each image's luma."""
+    return _blend(image, _gray_floor(image), factors)
+
+
+def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
+    """Per-sample ``F.adjust_hue``: rotate the hue in HSV space by each factor (in turns)."""
+    hsv = _rgb_to_hsv(F.to_dtype(image, torch.float32, scale=True))
+    h, s, v = hsv.unbind(dim=-3)
+    h.add_(_factors(factors, ndim=3)[0]).remainder_(1.0)
+    return F.to_dtype(_hsv_to_rgb(torch.stack((h, s, v), dim=-3)), torch.uint8, scale=True)
+
+
+def gaussian_blur(image: Tensor, kernel_size: Sequence[int], sigmas: Sequence[Sequence[float]]) -> Tensor:
+    """Per-sample ``F.gaussian_blur``: one grouped convolution with each sample's own kernel."""
+    b, c, h, w = image.shape
+    kernels = torch.stack([_get_gaussian_kernel2d(list(kernel_size), list(s), torch.float32, image.device) for s in sigmas])
+    weight = kernels.repeat_interleave(c, dim=0).unsqueeze(1)  # (B * C, 1, kh, kw), the sample's kernel per channel
+    pad = [kernel_size[0] // 2, kernel_size[0] // 2, kernel_size[1] // 2, kernel_size[1] // 2]
+    padded = torch.nn.functional.pad(image.to(torch.float32), pad, mode="reflect")
+    out = torch.conv2d(padded.reshape(1, b * c, *padded.shape[-2:]), weight, groups=b * c)
+    return out.reshape(b, c, h, w).round_().to(torch.uint8)

@@ -1,0 +1,108 @@
+"""Batched multi-crop against torchvision itself: same seed, same crops, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from raydino.config import CropsConfig
+from raydino.data import batch_ops
+from raydino.data.augment import MultiCrop
+
+
+def _colour_images(n: int, seed: int) -> list[torch.Tensor]:
+    """Colourful images of varied sizes: noise over smooth gradients, so hue and saturation matter."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(n):
+        h, w = 20 + 7 * (i % 5), 24 + 5 * (i % 3)
+        across = torch.linspace(0, 255, w).expand(h, w)
+        down = torch.linspace(0, 255, h)[:, None].expand(h, w)
+        base = torch.stack([across, across.flip(-1), down])
+        noise = torch.randint(-60, 60, (3, h, w), generator=g)
+        images.append((base + noise).clamp(0, 255).to(torch.uint8))
+    return images
+
+
+def _per_image(mc: MultiCrop, images: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
+    views = []
+    for image, seed in zip(images, seeds):
+        torch.default_generator.manual_seed(seed)
+        views.append(mc(image))
+    return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+@pytest.mark.parametrize(
+    "crops, gray",
+    [
+        (CropsConfig(global_size=16, local_size=8, local_number=4, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4)), True),
+        (CropsConfig(global_size=24, local_size=12, local_number=3), False),
+        (CropsConfig(global_size=64, local_size=20, local_number=2), False),  # blur kernels 5 and 3
+    ],
+)
+def test_crop_batch_equals_torchvision_per_image(crops: CropsConfig, gray: bool) -> None:
+    images = _colour_images(48, seed=1)
+    if gray:
+        images = [im[:1] for im in images]  # single-channel input goes through v2.RGB first
+    seeds = [1000 + 7 * i for i in range(len(images))]
+    mc = MultiCrop(crops)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    batched = mc.crop_batch(images, seeds)
+    assert torch.equal(torch.get_rng_state(), state), "crop_batch must leave the global RNG as it found it"
+    reference = _per_image(mc, images, seeds)
+    assert len(batched) == 2 + crops.local_number
+    for got, want in zip(batched, reference):
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} values differ"
+
+
+def test_crop_batch_does_not_depend_on_batch_composition() -> None:
+    mc = MultiCrop(CropsConfig(global_size=24, local_size=12, local_number=2))
+    images, seeds = _colour_images(20, seed=2), list(range(20))
+    whole = mc.crop_batch(images, seeds)
+    order = [7, 3, 19, 0]
+    part = mc.crop_batch([images[i] for i in order], [seeds[i] for i in order])
+    for w, p in zip(whole, part):
+        assert torch.equal(w[order], p)
+    other = mc.crop_batch(images, [s + 1 for s in seeds])
+    assert not torch.equal(whole[0], other[0]), "a different seed must give different crops"
+
+
+def test_crop_batch_checks_lengths_and_handles_empty() -> None:
+    mc = MultiCrop(CropsConfig(global_size=16, local_size=8, local_number=1))
+    with pytest.raises(ValueError, match="2 images but 1 seeds"):
+        mc.crop_batch(_colour_images(2, seed=3), [0])
+    empty = mc.crop_batch([], [])
+    assert [tuple(v.shape) for v in empty] == [(0, 3, 16, 16), (0, 3, 16, 16), (0, 3, 8, 8)]
+
+
+def _batch(n: int = 12, size: int = 16) -> torch.Tensor:
+    return torch.stack([F.resize(im, [size, size]) for im in _colour_images(n, seed=4)])
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, factors",
+    [
+        (batch_ops.adjust_brightness, F.adjust_brightness, [0.0, 0.6, 1.0, 1.37, 3.0]),
+        (batch_ops.adjust_contrast, F.adjust_contrast, [0.0, 0.6, 1.0, 1.37, 3.0]),
+        (batch_ops.adjust_saturation, F.adjust_saturation, [0.0, 0.8, 1.0, 1.13, 3.0]),
+        (batch_ops.adjust_hue, F.adjust_hue, [-0.5, -0.1, 0.0, 0.0371, 0.5]),
+    ],
+)
+def test_per_sample_colour_ops_equal_torchvision(ours, theirs, factors: list[float]) -> None:
+    batch = _batch(len(factors))
+    got = ours(batch, factors)
+    want = torch.stack([theirs(image, f) for image, f in zip(batch, factors)])
+    assert torch.equal(got, want)
+    assert not torch.equal(got[1], batch[1]), "a factor away from identity must change the image"
+
+
+def test_per_sample_blur_equals_torchvision() -> None:
+    batch = _batch(4, size=20)
+    sigmas = [[0.1, 0.1], [0.7, 0.7], [1.3, 1.3], [2.0, 2.0]]
+    got = batch_ops.gaussian_blur(batch, [5, 5], sigmas)
+    want = torch.stack([F.gaussian_blur(image, [5, 5], s) for image, s in zip(batch, sigmas)])
+    assert torch.equal(got, want)
+    assert not torch.equal(got[3], batch[3])
