@@ -15,7 +15,8 @@ Two figures per round, each a ratio Ray Data / DataLoader:
 A third figure separates batching from Ray Data itself: Ray Data against a DataLoader
 whose workers run the same batched code (one ``crop_batch`` call per loader batch),
 steady state. Each round starts all three afresh; the figures are medians over rounds. The number of
-workers defaults to the preset's ``data.num_crop_actors``. With as many workers as the
+workers defaults to the preset's ``data.num_crop_actors``, the batch (images per actor
+call, and per DataLoader batch) to its ``data.crop_batch_size``. With as many workers as the
 machine has cores, Ray's own processes (raylet, GCS, the driver's streaming executor)
 take their share from the crop actors; the DataLoader has no such processes.
 """
@@ -112,7 +113,9 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers = Ray Data actors (default: the preset's)"
     )
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="images per actor call = per DataLoader batch (default: the preset's)"
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="copies of digits (1,347 images each) per epoch")
@@ -123,6 +126,8 @@ def main() -> None:
     cfg = load_config(preset=args.preset)
     if args.workers is None:
         args.workers = cfg.data.num_crop_actors
+    if args.batch is None:
+        args.batch = cfg.data.crop_batch_size
     digits = load_digits("train", size=cfg.data.crops.global_size)
     data = ArrayDataset(
         np.concatenate([digits.images] * args.repeat), np.concatenate([digits.labels] * args.repeat), digits.classes
@@ -144,7 +149,7 @@ def main() -> None:
               flush=True)
     ray.shutdown()
     print(f"multicrop  {len(data)} images x {args.epochs} epochs  crops=2x{cfg.data.crops.global_size}px+"
-          f"{cfg.data.crops.local_number}x{cfg.data.crops.local_size}px  workers={args.workers}  "
+          f"{cfg.data.crops.local_number}x{cfg.data.crops.local_size}px  workers={args.workers}  batch={args.batch}  "
           f"rounds={args.rounds}  (machine: {os.cpu_count()} CPUs)")
     for label, pairs, note in (
         ("steady state", steady, "(target >= 1.0)"),

@@ -46,7 +46,7 @@ def test_overrides_and_yaml(tmp_path):
         ("loss.centering=foo", "loss.centering: .*allowed: one of logit, probability, sinkhorn, none"),
         ("head.num_layers=x", "head.num_layers: .*valid integer"),
         ("data.crops.global_scale=[0.5,0.2]", r"data.crops.global_scale=\(0.5, 0.2\): need 0 < low <= high <= 1"),
-        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=20"),
+        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=30"),
         ("data.source=imagefolder", "data.source='imagefolder' needs data.path"),
         ("loss.vmf", "not of the form section.key=value"),
         ("loss.vmf.x=1", "'vmf' is a value, not a section"),
