@@ -7,7 +7,8 @@ the worse half at every rung, so the budget goes to promising settings. Prints t
 table and writes it with plots to disk and onto the MLflow parent run.
 
 The default budget (the cpu_demo preset on scikit-learn's digits, 3 epochs, 1 seed) runs
-on one 2-core machine in about 20 minutes; with ASHA's stopping at epoch 1 and 2 it says
+on one 2-core machine in about 6 minutes (8 trials, 5 stopped by ASHA: 5.8 min measured
+on 2026-11-29); with ASHA's stopping at epoch 1 and 2 it says
 little beyond "which settings do not collapse immediately". On a cluster:
 
     python sweeps/temperature_sweep.py --preset imagenet_vit_small --data /data/imagenet/train --epochs 100
