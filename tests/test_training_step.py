@@ -76,3 +76,25 @@ def test_normalize_crops_expands_grayscale():
     out = normalize_crops([torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)], "cpu")[0]
     assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
     torch.testing.assert_close(out[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_bf16_autocast_outputs_are_scored_in_float32():
+    """The GPU path (bf16 autocast around the networks, loss and vMF correction outside it), on CPU's autocast."""
+    cfg, student, teacher, _ = _setup("loss.vmf=true", "head.norm_last_layer=false")
+    crops = _random_crops()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student_scores, student_norms = student(crops)
+        with torch.no_grad():
+            teacher_scores, teacher_norms = teacher(crops[:2])
+    assert all(s.dtype == torch.bfloat16 for s in student_scores), "autocast must reach the head for this test to mean"
+    out = build_loss(cfg)(student_scores, teacher_scores, 0.1, 0.04, student_norms, teacher_norms)
+    assert out.loss.dtype == torch.float32
+    upcast = build_loss(cfg)(
+        [s.float() for s in student_scores], [t.float() for t in teacher_scores], 0.1, 0.04,
+        student_norms.float(), teacher_norms.float(),
+    )
+    assert out.loss.item() == pytest.approx(upcast.loss.item(), rel=1e-6)
+    out.loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert student.head.prototype_gain.grad is not None, "the vMF correction must reach the prototype norms"
