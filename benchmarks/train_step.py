@@ -37,23 +37,24 @@ from raydino.data.augment import MultiCrop
 from raydino.data.clock import EpochClock
 from raydino.data.embedded import load_digits
 from raydino.data.pipeline import epoch_stream
-from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops
+from raydino.data.augment import crop_names
+from raydino.models import normalize_crops
+from raydino.step import DINOStep
 from raydino.tracking import create_run
-from raydino.train.driver import build_trainer, worker_config
+from raydino.train.driver import build_trainer
+from raydino.train.loop import WorkerPlan
 
 
 def premade_crops(cfg, n_images: int) -> dict[str, np.ndarray]:
     digits = load_digits("train", size=cfg.data.crops.global_size)
     images = [torch.from_numpy(digits.images[i % len(digits)]) for i in range(n_images)]
-    crops = MultiCrop(cfg.data.crops).batch(images, seed=0)
-    return {k: v.numpy() for k, v in crops.items()}
+    views = MultiCrop(cfg.data.crops).crop_batch(images, seeds=range(n_images))
+    return {name: view.numpy() for name, view in zip(crop_names(cfg.data.crops.local_number), views)}
 
 
 def plain_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, epochs: int) -> list[float]:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-    student, teacher = build_models(cfg)
-    step_fn = DINOStep(cfg, student, student, teacher, build_loss(cfg), build_optimizer(cfg, student), torch.device("cpu"))
+    step_fn = DINOStep.build(cfg, torch.device("cpu"))
     bs, names = cfg.data.batch_size_per_worker, list(crops)
     tensors = {k: torch.from_numpy(v) for k, v in crops.items()}
     times, step = [], 0
@@ -76,7 +77,7 @@ def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: st
     trainer = build_trainer(
         cfg,
         ds,
-        worker_config(cfg, steps, clock, tracking_uri=uri, mlflow_run_id=run_id),
+        WorkerPlan(cfg, steps, clock, tracking_uri=uri, mlflow_run_id=run_id),
         ray.train.RunConfig(name="train_step_bench", storage_path=workdir),
     )
     trainer.fit()

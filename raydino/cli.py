@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
     pre.add_argument("--local", action="store_true", help="single process, no Ray (quick smoke run)")
     pre.add_argument("--max-steps", type=int, help="with --local: stop after this many steps")
-    pre.add_argument("--storage", help="where Ray Train keeps checkpoints (default ./raydino_runs)")
-    pre.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from a checkpoint")
+    pre.add_argument("--storage", help="checkpoint.storage_path: a directory or s3:// URI (default ./raydino_runs)")
+    pre.add_argument("--max-failures", type=int, help="checkpoint.max_failures: worker failures to recover from (default 1)")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=5")
     ev = sub.add_parser(
         "evaluate",
@@ -105,12 +105,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides = ["data.source=imagefolder", f"data.path={args.data}", *overrides]
+    if args.storage:
+        overrides = [f"checkpoint.storage_path={args.storage}", *overrides]
+    if args.max_failures is not None:
+        overrides = [f"checkpoint.max_failures={args.max_failures}", *overrides]
     cfg = load_config(args.config, overrides, args.preset)
     print(f"raydino: {cfg.model.name} on {cfg.data.source}, vmf={cfg.loss.vmf}, centering={cfg.loss.centering}", flush=True)
     if not args.local:
         from raydino.pretrain import pretrain, summary_lines
 
-        summary = pretrain(cfg, storage_path=args.storage, max_failures=args.max_failures)
+        summary = pretrain(cfg)
         print("\n".join(summary_lines(summary)))
         return 0
     from raydino.local_run import pretrain_local

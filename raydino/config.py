@@ -17,7 +17,11 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raydino.registry import CENTERING_MODES, DATA_SOURCES, choice_type
 from raydino.schedules import Schedules
+
+CenteringMode = choice_type(CENTERING_MODES)
+SourceName = choice_type(DATA_SOURCES)
 
 
 class ConfigError(ValueError):
@@ -50,7 +54,7 @@ class LossConfig(_Section):
     warmup_teacher_temp: float = Field(0.04, gt=0.0, le=1.0)
     teacher_temp: float = Field(0.07, gt=0.0, le=1.0)
     warmup_teacher_temp_epochs: float = Field(30, ge=0)
-    centering: Literal["logit", "probability", "sinkhorn", "none"] = "logit"
+    centering: CenteringMode = "logit"
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     sinkhorn_iterations: int = Field(3, ge=1, le=100)
     koleo_weight: float = Field(0.0, ge=0.0, description="KoLeo anti-collapse term on student features (DINOv2: 0.1)")
@@ -73,8 +77,8 @@ class CropsConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "fashion_mnist", "imagefolder", "images"] = "digits"
-    path: str | None = Field(None, description="directory for imagefolder / images sources")
+    source: SourceName = "digits"
+    path: str | None = Field(None, description="directory for the file sources (imagefolder, images)")
     batch_size_per_worker: int = Field(64, ge=1)
     crops: CropsConfig = Field(default_factory=CropsConfig)
     num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop")
@@ -84,8 +88,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path(self) -> DataConfig:
-        if self.source in ("imagefolder", "images") and not self.path:
-            raise ValueError(f"data.source={self.source!r} needs data.path (a directory of images)")
+        layout = DATA_SOURCES[self.source].layout
+        if layout is not None and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path ({layout})")
         return self
 
 
@@ -101,6 +106,10 @@ class OptimConfig(_Section):
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     decay_prototype_norms: bool = True
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="on a NaN/Inf loss: stop with the step and the last good checkpoint, or skip the step"
+    )
+    max_nonfinite_in_a_row: int = Field(5, ge=1, description="with nonfinite_loss=skip: stop after this many in a row")
 
 
 class ScalingConfig(_Section):
@@ -130,7 +139,10 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0, description="0: at the end of every epoch only")
     num_to_keep: int = Field(2, ge=1)
-    storage_path: str | None = Field(None, description="default: ./ray_results")
+    storage_path: str | None = Field(
+        None, description="local directory or remote URI (s3://bucket/prefix) for Ray Train; default ./raydino_runs"
+    )
+    max_failures: int = Field(1, ge=-1, description="worker failures a run recovers from its latest checkpoint; -1: no limit")
 
 
 class Config(_Section):

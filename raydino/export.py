@@ -9,9 +9,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from raydino.config import Config
-from raydino.engine import build_models
 from raydino.models import MultiCropNetwork
-from raydino.train.checkpoint import CONFIG_FILE, read_checkpoint
+from raydino.step import build_models
+from raydino.train.checkpoint import CONFIG_FILE, CheckpointError, TrainState, read_checkpoint
 
 BACKBONE_PREFIX = "backbone."
 
@@ -21,16 +21,22 @@ def load_checkpoint_config(checkpoint_dir: str | os.PathLike[str]) -> Config:
 
     path = Path(checkpoint_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a raydino checkpoint (no {CONFIG_FILE})")
-    return Config.model_validate(yaml.safe_load(path.read_text()))
+        raise CheckpointError(f"{checkpoint_dir} is not a raydino checkpoint (no {CONFIG_FILE})")
+    try:
+        return Config.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a raydino config ({str(exc).splitlines()[0][:300]})") from None
 
 
-def load_teacher(checkpoint_dir: str | os.PathLike[str]) -> tuple[MultiCropNetwork, Config, dict]:
-    """The teacher network of a checkpoint (CPU, eval mode), its config and the raw state."""
-    cfg = load_checkpoint_config(checkpoint_dir)
+def load_teacher(checkpoint_dir: str | os.PathLike[str]) -> tuple[MultiCropNetwork, Config, TrainState]:
+    """The teacher network of a checkpoint (CPU, eval mode), its config and the whole state."""
     state = read_checkpoint(checkpoint_dir)
+    cfg = load_checkpoint_config(checkpoint_dir)
     _, teacher = build_models(cfg)
-    teacher.load_state_dict(state["teacher"])
+    try:
+        teacher.load_state_dict(state.teacher)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint_dir}: the teacher does not match its own config.yaml ({str(exc)[:400]})") from None
     return teacher.eval(), cfg, state
 
 

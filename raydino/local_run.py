@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from raydino.config import Config
 from raydino.data.augment import MultiCrop
-from raydino.data.embedded import ArrayDataset, load_digits, load_fashion_mnist
-from raydino.engine import DINOStep, build_loss, build_models, build_optimizer, normalize_crops
-from raydino.eval.evaluate import EvalData, evaluate_network
-from raydino.models import MultiCropNetwork
+from raydino.data.embedded import ArrayDataset, load_embedded
+from raydino.eval.data import EvalData
+from raydino.eval.evaluate import evaluate_network
+from raydino.models import MultiCropNetwork, normalize_crops
+from raydino.registry import DATA_SOURCES
+from raydino.step import DINOStep
 
 
 class _CropDataset(Dataset):
@@ -33,12 +35,11 @@ class _CropDataset(Dataset):
         return self.multicrop(torch.from_numpy(self.data.images[i]))
 
 
-def load_embedded(cfg: Config, split: str) -> ArrayDataset:
-    if cfg.data.source == "digits":
-        return load_digits(split, size=cfg.data.crops.global_size, seed=cfg.seed)
-    if cfg.data.source == "fashion_mnist":
-        return load_fashion_mnist(split)
-    raise ValueError(f"the single-process run takes data.source=digits or fashion_mnist, not {cfg.data.source!r}")
+def _load(cfg: Config, split: str) -> ArrayDataset:
+    if not DATA_SOURCES[cfg.data.source].embedded:
+        embedded = ", ".join(name for name, info in DATA_SOURCES.items() if info.embedded)
+        raise ValueError(f"the single-process run takes an embedded data.source ({embedded}), not {cfg.data.source!r}")
+    return load_embedded(cfg.data.source, split, cfg.data.crops.global_size, cfg.seed)
 
 
 def knn_accuracy(network: MultiCropNetwork, train: ArrayDataset, test: ArrayDataset) -> float:
@@ -61,14 +62,11 @@ class LocalResult:
 
 def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str], None] = _print) -> LocalResult:
     """Pretrain on one process, then compare teacher kNN top-1 with the random initialisation."""
-    torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    train, test = load_embedded(cfg, "train"), load_embedded(cfg, "test")
-    student, teacher = build_models(cfg)
+    train, test = _load(cfg, "train"), _load(cfg, "test")
+    step_fn = DINOStep.build(cfg, torch.device("cpu"))
+    student, teacher = step_fn.student_module, step_fn.teacher
     random_init_knn = knn_accuracy(teacher, train, test)
-    loss_fn = build_loss(cfg)
-    optimizer = build_optimizer(cfg, student)
-    step_fn = DINOStep(cfg, student, student, teacher, loss_fn, optimizer, torch.device("cpu"))
     loader = DataLoader(
         _CropDataset(train, MultiCrop(cfg.data.crops)),
         batch_size=cfg.data.batch_size_per_worker * cfg.scaling.num_workers,

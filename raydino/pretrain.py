@@ -6,6 +6,7 @@ starts; the MLflow run always ends with a final status, never left RUNNING.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -18,14 +19,15 @@ import torch
 
 from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
-from raydino.engine import build_models
 from raydino.eval.evaluate import evaluate_network, evaluate_with_usage
 from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
 from raydino.eval.prototypes import kappa_statistics
 from raydino.export import export_backbone, load_teacher
 from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
+from raydino.plan import method_name, plan_run
+from raydino.step import build_models
 from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
-from raydino.train.driver import PretrainResult, check_data_path, default_run_name, run_pretraining
+from raydino.train.driver import TrainResult, run_pretraining
 
 PROTOTYPE_ARRAYS = "eval/prototypes.npz"  # artifact: kappa_student, kappa_teacher, usage (for sweep plots)
 
@@ -54,7 +56,7 @@ def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> Fina
         random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
         plot_prototype_usage(usage.numpy(), plots_dir / "prototype_usage.png")
         arrays["usage"] = usage.numpy()
-    student_norms = state["student"][LAST_LAYER_PREFIX + PROTOTYPE_GAIN_SUFFIX].squeeze(1).abs()
+    student_norms = state.student[LAST_LAYER_PREFIX + PROTOTYPE_GAIN_SUFFIX].squeeze(1).abs()
     teacher_norms = teacher.head.prototype_norms().detach()
     for name, norms, temp in (("student", student_norms, cfg.loss.student_temp), ("teacher", teacher_norms, cfg.loss.teacher_temp)):
         for key, value in kappa_statistics(norms, temp).items():
@@ -86,7 +88,7 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], data_path: str |
 
 @dataclass
 class PretrainSummary:
-    result: PretrainResult
+    result: TrainResult
     final: FinalEvaluation
     tracking_uri: str
     mlflow_run_id: str
@@ -96,8 +98,6 @@ class PretrainSummary:
 def pretrain(
     cfg: Config,
     *,
-    storage_path: str | os.PathLike[str] | None = None,
-    max_failures: int = 1,
     log: Callable[[str], None] = print,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
@@ -105,30 +105,27 @@ def pretrain(
 ) -> PretrainSummary:
     """Train, evaluate, export, and track it all in one MLflow run (a child run when
     ``parent_run_id`` is given, as in a sweep). A run started again under the same
-    ``tracking.run_name`` continues the same MLflow run and the same Ray Train run."""
-    check_data_path(cfg)
+    ``tracking.run_name`` continues the same MLflow run and the same Ray Train run.
+
+    The tracking store, the data path and the checkpoint storage are resolved and checked
+    here, once, before Ray starts (``raydino.plan``)."""
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)
-    run_name = cfg.tracking.run_name or default_run_name(cfg)
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": run_name, "uri": uri})})
-    run_id = find_run(uri, cfg.tracking.experiment, run_name)
+    plan = plan_run(cfg, tracking_uri=uri)
+    cfg = plan.cfg
+    run_id = find_run(uri, cfg.tracking.experiment, plan.run_name)
     if run_id is None:
-        all_tags = {"raydino.method": "dino-vmf" if cfg.loss.vmf else "dino", "raydino.source": cfg.data.source}
-        run_id = create_run(uri, cfg.tracking.experiment, run_name, cfg.flat(), {**all_tags, **(tags or {})}, parent_run_id)
+        all_tags = {"raydino.method": method_name(cfg), "raydino.source": cfg.data.source}
+        run_id = create_run(
+            uri, cfg.tracking.experiment, plan.run_name, cfg.flat(), {**all_tags, **(tags or {})}, parent_run_id
+        )
+    plan = dataclasses.replace(plan, mlflow_run_id=run_id)
     logger = RunLogger(uri, run_id)
     attempt = logger.reopen()
     if attempt > 1:
         log(f"raydino: continuing MLflow run {run_id} (attempt {attempt})")
     try:
-        result = run_pretraining(
-            cfg,
-            storage_path=storage_path,
-            max_failures=max_failures,
-            log=log,
-            mlflow_run_id=run_id,
-            tracking_uri=uri,
-            run_callbacks=run_callbacks,
-        )
+        result = run_pretraining(plan, log=log, run_callbacks=run_callbacks)
         logger.log_metrics({"skipped_images": result.skipped_images}, result.steps)
         final = FinalEvaluation({}, {})
         export_path = None
@@ -144,7 +141,9 @@ def pretrain(
                     arrays_path = Path(tmp) / Path(PROTOTYPE_ARRAYS).name
                     np.savez_compressed(arrays_path, **final.arrays)
                     logger.log_artifact(arrays_path, str(Path(PROTOTYPE_ARRAYS).parent))
-                export_path = export_backbone(result.checkpoint_dir, result.run_dir / "teacher_backbone.safetensors")
+                export_path = export_backbone(
+                    result.checkpoint_dir, result.local_run_dir / "teacher_backbone.safetensors"
+                )
                 logger.log_artifact(export_path, "model")
                 logger.log_artifacts(result.checkpoint_dir, "checkpoint")
             logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)

@@ -158,6 +158,10 @@ class RunLogger:
         """(step, value) pairs of one metric, in step order."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
+    def last_step(self, key: str) -> int:
+        """The largest step at which ``key`` was logged; -1 if never."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED; never leave a run RUNNING."""
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -3,7 +3,7 @@ from typing import get_args
 import pytest
 
 from raydino.config import PRESETS, Config, ConfigError, LossConfig, load_config
-from raydino.objectives import CENTERING_MODES
+from raydino.registry import CENTERING_MODES
 
 
 def test_default_is_cpu_demo():

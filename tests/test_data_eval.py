@@ -12,13 +12,13 @@ def test_multicrop_shapes_dtype_and_seed():
     crops = CropsConfig(global_size=32, local_size=16, local_number=3)
     mc = MultiCrop(crops)
     images = [torch.randint(0, 256, (1, 40, 36), dtype=torch.uint8) for _ in range(5)]
-    a = mc.batch(images, seed=7)
-    assert list(a) == crop_names(3) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    a = dict(zip(crop_names(3), mc.crop_batch(images, seeds=[7] * 5)))
+    assert list(a) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
     assert a["global_0"].shape == (5, 3, 32, 32) and a["local_2"].shape == (5, 3, 16, 16)
     assert all(v.dtype == torch.uint8 for v in a.values())
-    b, c = mc.batch(images, seed=7), mc.batch(images, seed=8)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    b, c = mc.crop_batch(images, seeds=[7] * 5), mc.crop_batch(images, seeds=[8] * 5)
+    assert all(torch.equal(x, y) for x, y in zip(a.values(), b))
+    assert not all(torch.equal(x, y) for x, y in zip(a.values(), c))
 
 
 def test_digits_split_is_stratified_and_disjoint():

@@ -109,13 +109,14 @@ def test_multicrop_network_is_a_module_pair():
     assert net([torch.randn(1, 3, 32, 32)] * 3)[0][0].shape == (1, 64)
 
 
-def test_head_vmf_logits_add_the_log_normaliser_per_prototype():
-    from raydino.objectives import log_vmf_normalizer
+def test_vmf_logits_of_head_scores_add_the_log_normaliser_per_prototype():
+    from raydino.objectives import log_vmf_normalizer, vmf_logits
 
     head = DINOHead(32, norm_last_layer=False, **HEAD)
     with torch.no_grad():
         head.prototype_gain.copy_(torch.linspace(0.5, 2.0, 64).unsqueeze(1))
     x = torch.randn(3, 32)
-    diff = head.logits(x, 0.1, vmf=True) - head.logits(x, 0.1, vmf=False)
+    scores = head(x)
+    diff = vmf_logits(scores, head.prototype_norms(), 0.1, head.bottleneck_dim) - scores / 0.1
     expected = log_vmf_normalizer(torch.linspace(0.5, 2.0, 64) / 0.1, 16)
     torch.testing.assert_close(diff - diff[:, :1], (expected - expected[0]).expand(3, -1), rtol=1e-4, atol=1e-3)

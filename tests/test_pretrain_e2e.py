@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from raydino.cli import main
-from raydino.config import load_config
+from raydino.config import load_config, with_overrides
 from raydino.eval.evaluate import extract
 from raydino.export import load_teacher
 from raydino.pretrain import pretrain
@@ -49,8 +49,9 @@ def _cfg(tmp_path: Path, *overrides: str):
 def trained(ray_session, tmp_path_factory):
     """One 2-epoch run shared by the tracking test and the CLI test (a Ray Train run costs ~40 s here)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
-    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e")
-    return tmp_path, pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None)
+    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e",
+               f"checkpoint.storage_path={tmp_path / 'runs'}")
+    return tmp_path, pretrain(cfg, log=lambda _: None)
 
 
 @pytest.mark.timeout(300)
@@ -85,7 +86,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     teacher, _, _ = load_teacher(summary.result.checkpoint_dir)
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
     expected, _ = extract(teacher, images)
-    from raydino.engine import normalize_crops
+    from raydino.models import normalize_crops
 
     with torch.no_grad():
         got = model.eval()(normalize_crops([torch.from_numpy(images)], "cpu")[0])
@@ -136,15 +137,13 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
     lines: list[str] = []
     cfg = load_config(overrides=overrides)
     time.sleep(2)  # let Ray release the killed driver's workers
-    summary = pretrain(cfg, storage_path=storage, log=lines.append)
+    summary = pretrain(with_overrides(cfg, {"checkpoint.storage_path": str(storage)}), log=lines.append)
     assert summary.result.steps == 2 * steps_per_epoch
     client = MlflowClient(summary.tracking_uri)
     history = [m.step for m in client.get_metric_history(summary.mlflow_run_id, "loss")]
-    # steps up to the checkpoint were logged once: the second run did not start from zero
-    # (a step or two after it may be logged twice: done before the kill, redone after)
-    early = [step for step in history if step <= first_step]
-    assert len(early) == len(set(early)) == first_step // 2
-    assert max(history) == 2 * steps_per_epoch
+    # one continuous history: every logged step once, none lost (the second run resumed at the
+    # checkpoint and did not log again the steps the first had logged before the kill)
+    assert sorted(history) == list(range(2, 2 * steps_per_epoch + 1, 2)), history
     assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("raydino").experiment_id])) == 1
 
@@ -167,8 +166,8 @@ def _imagefolder(root: Path) -> Path:
 def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_path):
     root = _imagefolder(tmp_path / "folder")
     cfg = _cfg(tmp_path, "optim.epochs=1", "data.source=imagefolder", f"data.path={root}",
-               "data.batch_size_per_worker=8", "tracking.run_name=folder")
-    summary = pretrain(cfg, storage_path=tmp_path / "runs", log=lambda _: None)
+               "data.batch_size_per_worker=8", "tracking.run_name=folder", f"checkpoint.storage_path={tmp_path / 'runs'}")
+    summary = pretrain(cfg, log=lambda _: None)
     assert summary.result.skipped_images == 1
     # 5 steps x 2 workers x 8 planned from 80 files; one pass holds 79 rows: the spare pass fills the last step
     assert summary.result.steps == 80 // 2 // 8
@@ -210,9 +209,10 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(ray_session, tmp_path)
 
     # LayerScale initialised at 1e30 overflows the first LayerNorm: a loss that is NaN from step 0
     cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=nan", "eval.every_epochs=0",
-               "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, init_values: 1.0e+30}")
+               "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, init_values: 1.0e+30}",
+               f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.max_failures=0")
     with pytest.raises(PretrainError, match=r"loss is nan at step 0.*Last good checkpoint: none yet"):
-        pretrain(cfg, storage_path=tmp_path / "runs", max_failures=0, log=lambda _: None)
+        pretrain(cfg, log=lambda _: None)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("raydino")
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]

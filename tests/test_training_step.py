@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from raydino.config import load_config
-from raydino.engine import DINOStep, NonFiniteLossError, build_loss, build_models, build_optimizer, normalize_crops
+from raydino.models import normalize_crops
+from raydino.step import (
+    DINOStep,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    TrainingDiverged,
+    build_loss,
+    build_models,
+    build_optimizer,
+)
 
 TINY = [
     "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
@@ -98,3 +107,38 @@ def test_bf16_autocast_outputs_are_scored_in_float32():
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert student.head.prototype_gain.grad is not None, "the vMF correction must reach the prototype norms"
+
+
+@pytest.mark.parametrize("centering", ["logit", "probability"])
+def test_a_nonfinite_step_leaves_the_center_untouched(centering):
+    """The center absorbs a batch only once the loss is known finite: a skipped step leaves no NaN behind."""
+    _, _, _, step_fn = _setup(f"loss.centering={centering}")
+    step_fn(_random_crops(), 0, 5)
+    center = step_fn.loss_fn.centering.center.clone()
+    crops = _random_crops()
+    crops[0][0, 0, 0, 0] = float("nan")  # a teacher crop: NaN teacher logits
+    with pytest.raises(NonFiniteLossError):
+        step_fn(crops, 1, 5)
+    assert torch.equal(step_fn.loss_fn.centering.center, center)
+    assert torch.isfinite(torch.tensor(step_fn(_random_crops(), 2, 5)["loss"]))
+
+
+def test_nonfinite_guard_policies():
+    exc = NonFiniteLossError(4, float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 4.*Last good checkpoint: step 2"):
+        NonFiniteGuard("stop", 3).nonfinite(exc, "step 2")
+    guard = NonFiniteGuard("skip", 3)
+    guard.nonfinite(exc, "step 2")
+    guard.nonfinite(exc, "step 2")
+    guard.finite()  # a good step resets the run of bad ones, not the total
+    guard.nonfinite(exc, "step 2")
+    guard.nonfinite(exc, "step 2")
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row .*5 skipped in all"):
+        guard.nonfinite(exc, "step 2")
+
+
+def test_build_seeds_identical_weights():
+    cfg = load_config(overrides=TINY)
+    a, b = DINOStep.build(cfg, torch.device("cpu")), DINOStep.build(cfg, torch.device("cpu"))
+    for (name, x), y in zip(a.student_module.state_dict().items(), b.teacher.state_dict().values()):
+        assert torch.equal(x, y), name

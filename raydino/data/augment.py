@@ -73,18 +73,6 @@ class MultiCrop:
         views += [self.local_view(image) for _ in range(self.num_local)]
         return views
 
-    def batch(self, images: Sequence[Tensor], seed: int) -> dict[str, Tensor]:
-        """Crops of a batch as {column: (B, 3, S, S) uint8}; the same seed gives the same crops."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # per-image ops are tiny: intra-op threads only add overhead (10x here)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                per_image = [self(img) for img in images]
-        finally:
-            torch.set_num_threads(threads)
-        return {name: torch.stack([views[i] for views in per_image]) for i, name in enumerate(self.names)}
-
     def crop_batch(self, images: Sequence[Tensor], seeds: Sequence[int]) -> list[Tensor]:
         """Crops of each image under its own seed, as one (B, 3, S, S) uint8 tensor per view (``crop_names`` order).
 

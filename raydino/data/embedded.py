@@ -7,10 +7,13 @@ pretraining/train part and a held-out evaluation part.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from raydino.registry import DATA_SOURCES, require_all
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SIZE = 32
@@ -84,3 +87,18 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> 
     images = _read_idx(images_path)[:, None]
     labels = _read_idx(labels_path).astype(np.int64)
     return ArrayDataset(np.ascontiguousarray(images), labels, FASHION_CLASSES)
+
+
+# source name (raydino.registry.DATA_SOURCES, embedded ones) -> loader(split, size, seed)
+_LOADERS: dict[str, Callable[[str, int, int], ArrayDataset]] = {
+    "digits": lambda split, size, seed: load_digits(split, size=size, seed=seed),
+    "fashion_mnist": lambda split, _size, _seed: load_fashion_mnist(split),
+}
+require_all({k: v for k, v in DATA_SOURCES.items() if v.embedded}, _LOADERS, "embedded data sources")
+
+
+def load_embedded(source: str, split: str, size: int, seed: int = 0) -> ArrayDataset:
+    """The ``split`` of an embedded source; ``size`` is the global crop size (digits are resampled to it)."""
+    if source not in _LOADERS:
+        raise ValueError(f"data.source={source!r} is not embedded; embedded sources: {', '.join(_LOADERS)}")
+    return _LOADERS[source](split, size, seed)

@@ -8,9 +8,10 @@ import torch
 from torchvision.transforms import v2
 
 from raydino.config import Config
-from raydino.data.embedded import load_digits, load_fashion_mnist
+from raydino.data.embedded import load_embedded
 from raydino.data.sources import imagefolder_dataset
-from raydino.eval.evaluate import EvalData
+from raydino.eval.data import EvalData
+from raydino.registry import DATA_SOURCES
 
 
 def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +52,8 @@ def load_eval_data(cfg: Config, split_same_folder: bool = False) -> EvalData | N
     ``split_same_folder``: eval.train_path is one labelled folder to split 80/20.
     """
     limit, seed, size = cfg.eval.max_images, cfg.seed, cfg.data.crops.global_size
-    if cfg.data.source in ("digits", "fashion_mnist"):
-        if cfg.data.source == "digits":
-            train, test = load_digits("train", size=size, seed=seed), load_digits("test", size=size, seed=seed)
-        else:
-            train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    if DATA_SOURCES[cfg.data.source].embedded:
+        train, test = (load_embedded(cfg.data.source, split, size, seed) for split in ("train", "test"))
         train_x, train_y = _subsample(train.images, train.labels, limit, seed)
         test_x, test_y = _subsample(test.images, test.labels, limit, seed + 1)
         if train_x.shape[-1] != size:
@@ -72,3 +70,8 @@ def load_eval_data(cfg: Config, split_same_folder: bool = False) -> EvalData | N
         test_x, test_y, _ = _imagefolder_arrays(cfg.eval.test_path, size, limit, seed + 1)
         return EvalData(train_x, train_y, test_x, test_y, n_classes)
     return None
+
+
+def has_eval_data(cfg: Config) -> bool:
+    """Whether ``load_eval_data(cfg)`` finds labelled data: per-epoch kNN is possible."""
+    return DATA_SOURCES[cfg.data.source].embedded or bool(cfg.eval.train_path and cfg.eval.test_path)

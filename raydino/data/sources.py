@@ -36,7 +36,8 @@ import ray
 import ray.data
 
 from raydino.config import DataConfig
-from raydino.data.embedded import ArrayDataset, load_digits, load_fashion_mnist
+from raydino.data.embedded import ArrayDataset, load_embedded
+from raydino.registry import DATA_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -265,11 +266,8 @@ def array_dataset(data: ArrayDataset, rows_per_block: int = _ROWS_PER_BLOCK) -> 
 
 def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) -> ImageSource:
     """The source a DataConfig names; ``split`` applies to the embedded sets only."""
-    if data.source == "digits":
-        return array_dataset(load_digits(split, size=data.crops.global_size, seed=seed))
-    if data.source == "fashion_mnist":
-        return array_dataset(load_fashion_mnist(split))
+    info = DATA_SOURCES[data.source]
+    if info.embedded:
+        return array_dataset(load_embedded(data.source, split, data.crops.global_size, seed))
     assert data.path is not None  # DataConfig validates this
-    if data.source == "imagefolder":
-        return imagefolder_dataset(data.path)
-    return image_directory_dataset(data.path)
+    return imagefolder_dataset(data.path) if info.labelled else image_directory_dataset(data.path)

@@ -7,28 +7,15 @@ end of a run by the driver and by ``raydino evaluate``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from raydino.engine import normalize_crops
+from raydino.eval.data import EvalData
 from raydino.eval.knn import knn_top1
 from raydino.eval.probe import linear_probe_top1
 from raydino.eval.prototypes import prototype_utilisation
-from raydino.models import MultiCropNetwork
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """uint8 (N, C, H, W) images at the global crop size, with integer labels."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
+from raydino.models import MultiCropNetwork, normalize_crops
 
 
 @torch.no_grad()

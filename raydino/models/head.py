@@ -6,8 +6,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from raydino.objectives.vmf import vmf_logits
-
 
 def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use_bn: bool) -> nn.Sequential:
     if num_layers == 1:
@@ -77,10 +75,3 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(self.embed(x))
-
-    def logits(self, x: Tensor, temperature: float, vmf: bool) -> Tensor:
-        """Tempered logits z / tau, plus log C_p(||w_k|| / tau) with ``vmf`` (objective.md section 3)."""
-        scores = self(x)
-        if not vmf:
-            return scores / temperature
-        return vmf_logits(scores, self.prototype_norms(), temperature, self.bottleneck_dim)

@@ -1,12 +1,11 @@
 """The objective: pure math on tensors, no Ray, no MLflow, no I/O."""
 
-from raydino.objectives.centering import CENTERING_MODES, Centering, make_centering
+from raydino.objectives.centering import Centering, make_centering
 from raydino.objectives.dino import DINOLoss, LossOutput
 from raydino.objectives.koleo import koleo_loss
 from raydino.objectives.vmf import bessel_ratio, log_vmf_normalizer, vmf_logits
 
 __all__ = [
-    "CENTERING_MODES",
     "Centering",
     "DINOLoss",
     "LossOutput",

@@ -11,32 +11,13 @@ DINO keeps it, so DINO's teacher-temperature warm-up behaves as in the reference
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-CenteringMode = Literal["logit", "probability", "sinkhorn", "none"]
-CENTERING_MODES: tuple[str, ...] = ("logit", "probability", "sinkhorn", "none")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum over workers (in place on a copy); identity without a process group."""
-    if _distributed():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def global_batch_mean(x: Tensor) -> Tensor:
-    """Mean over the rows of x across all workers, weighting every sample equally."""
-    total = all_reduce_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))
-    return total[:-1] / total[-1]
+from raydino.objectives.distributed import all_reduce_max, all_reduce_sum, global_batch_mean
+from raydino.registry import CENTERING_MODES, require_all
 
 
 class Centering(nn.Module):
@@ -122,9 +103,7 @@ class SinkhornCentering(Centering):
     def targets(self, logits: Tensor, temperature: float) -> Tensor:
         # float64 so that prototypes far below the maximum underflow neither to 0 nor to 0/0
         logits = logits.double()
-        global_max = logits.max()
-        if _distributed():
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+        global_max = all_reduce_max(logits.max())
         q = torch.exp(logits - global_max).t()  # (K, B); the shift cancels in the normalisation
         batch = all_reduce_sum(logits.new_tensor(float(q.shape[1])))
         k = q.shape[0]
@@ -138,19 +117,23 @@ class SinkhornCentering(Centering):
         return q.t().float()
 
 
+# mode -> builder(num_prototypes, momentum, sinkhorn_iterations)
+_MODES: dict[str, Callable[[int, float, int], Centering]] = {
+    "logit": lambda k, momentum, _: LogitCentering(k, momentum),
+    "probability": lambda k, momentum, _: ProbabilityCentering(k, momentum),
+    "sinkhorn": lambda k, _, iterations: SinkhornCentering(k, iterations),
+    "none": lambda k, _m, _i: NoCentering(k),
+}
+require_all(CENTERING_MODES, _MODES, "centering modes")
+
+
 def make_centering(
     mode: str, num_prototypes: int, momentum: float = 0.9, sinkhorn_iterations: int = 3
 ) -> Centering:
-    """Build the centering module for ``mode`` (one of CENTERING_MODES)."""
-    if mode == "logit":
-        return LogitCentering(num_prototypes, momentum)
-    if mode == "probability":
-        return ProbabilityCentering(num_prototypes, momentum)
-    if mode == "sinkhorn":
-        return SinkhornCentering(num_prototypes, sinkhorn_iterations)
-    if mode == "none":
-        return NoCentering(num_prototypes)
-    raise ValueError(f"unknown centering mode {mode!r}; choose one of {', '.join(CENTERING_MODES)}")
+    """Build the centering module for ``mode`` (a key of ``raydino.registry.CENTERING_MODES``)."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown centering mode {mode!r}; choose one of {', '.join(CENTERING_MODES)}")
+    return _MODES[mode](num_prototypes, momentum, sinkhorn_iterations)
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:

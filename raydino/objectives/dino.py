@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from raydino.objectives.centering import entropy, global_batch_mean, make_centering
+from raydino.objectives.centering import entropy, make_centering
+from raydino.objectives.distributed import global_batch_mean
 from raydino.objectives.vmf import vmf_correction
 
 
@@ -69,6 +70,13 @@ class DINOLoss(nn.Module):
         self.vmf = vmf
         self.bottleneck_dim = bottleneck_dim
         self.centering = make_centering(centering, num_prototypes, center_momentum, sinkhorn_iterations)
+        self._pending_center: tuple[Tensor, float] | None = None
+
+    def commit_center(self) -> None:
+        """Absorb the teacher logits of the last ``forward`` into the center (all-reduced)."""
+        if self._pending_center is not None:
+            self.centering.update(*self._pending_center)
+            self._pending_center = None
 
     def _correction(self, norms: Tensor | None, temperature: float) -> Tensor | None:
         if not self.vmf:
@@ -85,9 +93,12 @@ class DINOLoss(nn.Module):
         teacher_temp: float,
         student_norms: Tensor | None = None,
         teacher_norms: Tensor | None = None,
+        update_center: bool = True,
     ) -> LossOutput:
         """``student_scores``: one (B, K) tensor per crop, global crops first;
-        ``teacher_scores``: one per global crop. Updates the center after the loss."""
+        ``teacher_scores``: one per global crop. Updates the center after the loss, or with
+        ``update_center=False`` leaves that to ``commit_center()`` (a training step does so only
+        once the loss is known finite, so a skipped step leaves no NaN in the center)."""
         if len(student_scores) < len(teacher_scores) or len(student_scores) < 2:
             raise ValueError("the student must see every teacher crop and at least two crops in all")
         student_correction = self._correction(student_norms, student_temp)
@@ -102,5 +113,7 @@ class DINOLoss(nn.Module):
         with torch.no_grad():
             teacher_entropy = entropy(targets).mean()
             mean_target_entropy = entropy(global_batch_mean(targets))
-            self.centering.update(teacher_logits, teacher_temp)
+            self._pending_center = (teacher_logits, teacher_temp)
+        if update_center:
+            self.commit_center()
         return LossOutput(loss, teacher_entropy, mean_target_entropy, self.centering.center_norm())

@@ -168,12 +168,16 @@ def vmf_correction(prototype_norms: Tensor, temperature: float, dim: int) -> Ten
     """log C_p(||w_k|| / tau) per prototype, shape (K,), in float32 at least.
 
     The constant part is dropped (shifted so the largest entry is 0): it cancels in
-    every softmax and would cost precision in half precision (|log C_p| ~ 344 at p = 256).
-    Compute it once per network and step and add it to every crop's logits.
+    every softmax and would cost precision in low precision (|log C_p| ~ 344 at p = 256).
+    The shift happens in float64 before the cast, so the differences between prototypes,
+    the part that matters (about 1 nat), keep float64's accuracy rather than float32's
+    rounding of 344 (about 1.5e-5 nat). Compute it once per network and step and add it to
+    every crop's logits.
     """
-    kappa = prototype_norms.to(torch.promote_types(prototype_norms.dtype, torch.float32)) / temperature
+    out_dtype = torch.promote_types(prototype_norms.dtype, torch.float32)
+    kappa = prototype_norms.to(_compute_dtype(prototype_norms)) / temperature
     correction = log_vmf_normalizer(kappa, dim)
-    return correction - correction.detach().max()
+    return (correction - correction.detach().max()).to(out_dtype)
 
 
 def vmf_logits(scores: Tensor, prototype_norms: Tensor, temperature: float, dim: int) -> Tensor:

@@ -1,7 +1,7 @@
-"""The driver of a pretraining run: validate, set up Ray Data and MLflow, fit, evaluate.
+"""The driver of a pretraining run: Ray, the Ray Data pipeline, one TorchTrainer, its result.
 
-Everything that can fail for a user-fixable reason (data path, tracking server, a
-dataset smaller than one batch) is checked before the first worker starts.
+Takes a ``RunPlan`` (run name, storage, tracking resolved and checked by ``pretrain``);
+a dataset smaller than one batch fails here, before the first worker starts.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from raydino.data.clock import EpochClock
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
-from raydino.train.loop import TrainingDiverged, train_loop_per_worker
-
-DEFAULT_STORAGE = "raydino_runs"
+from raydino.plan import RunPlan
+from raydino.storage import is_remote, join_storage, resolve_storage
+from raydino.step import TrainingDiverged
+from raydino.train.loop import WorkerPlan, train_loop_per_worker
 
 
 class PretrainError(RuntimeError):
@@ -35,20 +36,16 @@ class PretrainError(RuntimeError):
 
 
 @dataclass
-class PretrainResult:
-    run_name: str
-    run_dir: Path
+class TrainResult:
+    """What the fit produced: the latest checkpoint as a local directory, and the last report."""
+
     checkpoint_dir: Path | None
+    """Local: the checkpoint in storage itself; remote storage: a downloaded copy."""
+    local_run_dir: Path
+    """A local directory of the run for files such as the exported backbone."""
     steps: int
     metrics: dict[str, float]
     skipped_images: int
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
-
-
-def default_run_name(cfg: Config) -> str:
-    method = "dino-vmf" if cfg.loss.vmf else "dino"
-    return f"{method}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def required_cpus(cfg: Config) -> float:
@@ -65,17 +62,6 @@ def stream_passes(epochs: int) -> int:
     epochs) absorb 10% of the files skipped; passes nobody reads are never computed.
     """
     return epochs + 1 + epochs // 8
-
-
-def check_data_path(cfg: Config) -> None:
-    """Fail fast on a missing data directory; the sources check its contents when listing."""
-    if cfg.data.source in ("imagefolder", "images"):
-        path = Path(str(cfg.data.path)).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"data path {str(path)!r} does not exist or is not a directory; expected "
-                + ("<path>/<class_name>/<images>" if cfg.data.source == "imagefolder" else "a directory of images")
-            )
 
 
 def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
@@ -127,32 +113,13 @@ def _diverged_message(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def worker_config(
-    cfg: Config,
-    steps_per_epoch: int,
-    epoch_clock: Any,
-    eval_data: Any = None,
-    tracking_uri: str | None = None,
-    mlflow_run_id: str | None = None,
-) -> dict[str, Any]:
-    """The ``train_loop_config`` that ``train_loop_per_worker`` reads."""
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "steps_per_epoch": steps_per_epoch,
-        "epoch_clock": epoch_clock,
-        "eval_data": eval_data,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": mlflow_run_id,
-    }
-
-
 def build_trainer(
-    cfg: Config, dataset: ray.data.Dataset, loop_config: dict[str, Any], run_config: ray.train.RunConfig
+    cfg: Config, dataset: ray.data.Dataset, plan: WorkerPlan, run_config: ray.train.RunConfig
 ) -> TorchTrainer:
     """The TorchTrainer for ``train_loop_per_worker`` with the config's scaling (gloo on CPU, NCCL on GPU)."""
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -164,22 +131,20 @@ def build_trainer(
     )
 
 
-def run_pretraining(
-    cfg: Config,
-    *,
-    storage_path: str | os.PathLike[str] | None = None,
-    max_failures: int = 1,
-    log: Callable[[str], None] = print,
-    mlflow_run_id: str | None = None,
-    tracking_uri: str | None = None,
-    run_callbacks: list[Any] | None = None,
-) -> PretrainResult:
-    """Fit one TorchTrainer for ``cfg``; resume if a run of the same name exists in storage."""
-    run_name = cfg.tracking.run_name or default_run_name(cfg)
-    storage = Path(storage_path or cfg.checkpoint.storage_path or DEFAULT_STORAGE).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+def _local_checkpoint(checkpoint: ray.train.Checkpoint | None, storage: str, local_run_dir: Path) -> Path | None:
+    """The checkpoint as a local directory: itself on local storage, a download from remote storage."""
+    if checkpoint is None:
+        return None
+    if not is_remote(storage):
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(str(local_run_dir / Path(checkpoint.path).name)))
 
-    check_data_path(cfg)  # before Ray starts: a bad path should fail in a second, not after start-up
+
+def run_pretraining(
+    plan: RunPlan, *, log: Callable[[str], None] = print, run_callbacks: list[Any] | None = None
+) -> TrainResult:
+    """Fit one TorchTrainer for ``plan``; it resumes when a run of the same name exists in storage."""
+    cfg = plan.cfg
     ensure_ray(cfg)
     source = source_from_config(cfg.data, "train", cfg.seed)
     world = cfg.scaling.num_workers
@@ -190,7 +155,6 @@ def run_pretraining(
             f"({world} workers x data.batch_size_per_worker={cfg.data.batch_size_per_worker}); "
             "lower data.batch_size_per_worker or scaling.num_workers"
         )
-    eval_data = load_eval_data(cfg)
     clock = EpochClock.remote()
     dataset = multicrop_dataset(
         # in-memory rows cannot turn out undecodable: only file sources need spare passes
@@ -206,44 +170,43 @@ def run_pretraining(
         cpus_per_actor=cfg.data.cpus_per_crop_actor,
         epoch_clock=clock,
     )
+    worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, load_eval_data(cfg), plan.tracking_uri, plan.mlflow_run_id)
     trainer = build_trainer(
         cfg,
         dataset,
-        worker_config(cfg, steps_per_epoch, clock, eval_data, tracking_uri, mlflow_run_id),
+        worker_plan,
         ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(storage),
+            name=plan.run_name,
+            storage_path=plan.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
             callbacks=run_callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch lines, not per-report INFO
         ),
     )
     log(
-        f"raydino: run {run_name!r}: {cfg.model.name}, {source.num_files} images, {world} workers x "
+        f"raydino: run {plan.run_name!r}: {cfg.model.name}, {source.num_files} images, {world} workers x "
         f"{cfg.data.batch_size_per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs; "
-        f"checkpoints in {storage / run_name}"
+        f"checkpoints in {plan.run_dir}"
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the one the user can act on
         root = _root_cause(exc)
         message = _diverged_message(exc) or f"{type(root).__name__}: {str(root)[-2000:]}"
-        raise PretrainError(f"training failed: {message}\n(full logs: {storage / run_name})") from exc
+        raise PretrainError(f"training failed: {message}\n(full logs: {plan.run_dir})") from exc
     finally:
         ray.kill(clock)
     if result.error is not None:
         raise PretrainError(f"training failed: {result.error}")
-    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    # exports and downloaded checkpoints of a run on remote storage go to the local default storage
+    local_run_dir = Path(join_storage(resolve_storage(None), plan.run_name) if is_remote(plan.storage) else plan.run_dir)
+    local_run_dir.mkdir(parents=True, exist_ok=True)
     metrics = dict(result.metrics or {})
-    return PretrainResult(
-        run_name=run_name,
-        run_dir=storage / run_name,
-        checkpoint_dir=checkpoint_dir,
+    return TrainResult(
+        checkpoint_dir=_local_checkpoint(result.checkpoint, plan.storage, local_run_dir),
+        local_run_dir=local_run_dir,
         steps=int(metrics.get("step", 0)),
         metrics=metrics,
         skipped_images=source.skipped.count(),
-        mlflow_run_id=mlflow_run_id,
-        tracking_uri=tracking_uri,
     )
-

@@ -1,9 +1,10 @@
 """The Ray Train worker loop: DDP student, EMA teacher, Ray Data shards, checkpoints.
 
-Everything numerical is in ``raydino.engine.DINOStep``; this module adds what a
-distributed run needs: device placement, the dataset shard (all epochs in one stream,
-see ``raydino.data.pipeline.epoch_stream``), per-epoch augmentation seeds (through the
-EpochClock), resumable checkpoints, evaluation and logging on rank 0.
+Everything numerical is in ``raydino.step.DINOStep``; this module adds what a distributed
+run needs: device placement, the dataset shard (all epochs in one stream, see
+``raydino.data.pipeline.epoch_stream``), per-epoch augmentation seeds (through the
+EpochClock), resumable checkpoints, the non-finite-loss policy, evaluation and logging on
+rank 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +26,27 @@ import torch.distributed as dist
 
 from raydino.config import Config
 from raydino.data.augment import crop_names
-from raydino.engine import DINOStep, NonFiniteLossError, build_loss, build_models, build_optimizer, normalize_crops
-from raydino.eval.evaluate import EvalData, evaluate_network
+from raydino.eval.data import EvalData
+from raydino.eval.evaluate import evaluate_network
 from raydino.eval.prototypes import kappa_statistics
-from raydino.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from raydino.models import normalize_crops
+from raydino.step import DINOStep, NonFiniteGuard, NonFiniteLossError
+from raydino.train.checkpoint import TrainState, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint"
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss, with the step and the checkpoint to go back to."""
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every worker receives from the driver (``train_loop_config={"plan": ...}``)."""
 
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _kappa_metrics(student_norms: torch.Tensor, teacher_norms: torch.Tensor, cfg: Config, teacher_temp: float) -> dict:
-    out = {}
-    for name, norms, temp in (("student", student_norms, cfg.loss.student_temp), ("teacher", teacher_norms, teacher_temp)):
-        stats = kappa_statistics(norms, temp)
-        for key in ("q05", "q50", "q95"):
-            out[f"kappa_{name}_{key}"] = stats[key]
-    return out
-
-
-def _quiet_report_logs() -> None:
-    """Ray Train logs every report (metrics dict included) at INFO under a logger named by file
-    path, which LoggingConfig does not reach; our per-epoch line says what matters."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray layout: keep its logs
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    cfg: Config
+    steps_per_epoch: int
+    epoch_clock: Any
+    """``raydino.data.clock.EpochClock`` handle: the epoch the crop actors seed from."""
+    eval_data: EvalData | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
 
 
 def _say(line: str) -> None:
@@ -69,151 +59,185 @@ def _say(line: str) -> None:
     print(line, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run by every Ray Train worker. ``loop_config`` is built by ``raydino.train.driver``."""
-    cfg = Config.model_validate(loop_config["config"])
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
-    epoch_clock = loop_config["epoch_clock"]
-    eval_data: EvalData | None = loop_config.get("eval_data")
-    tracking_uri, run_id = loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report (metrics dict included) at INFO under a logger named by file
+    path, which LoggingConfig does not reach; our per-epoch line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
-    _quiet_report_logs()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every worker, teacher included
-    student, teacher = build_models(cfg)
-    teacher.to(device)
-    loss_fn = build_loss(cfg).to(device)
-    ddp_student = ray.train.torch.prepare_model(student)
-    student_module = ddp_student.module if hasattr(ddp_student, "module") else ddp_student
-    optimizer = build_optimizer(cfg, student_module)
+def _kappa_metrics(step_fn: DINOStep, teacher_temp: float) -> dict[str, float]:
+    out = {}
+    networks = (("student", step_fn.student_module, step_fn.cfg.loss.student_temp), ("teacher", step_fn.teacher, teacher_temp))
+    for name, network, temp in networks:
+        stats = kappa_statistics(network.head.prototype_norms().detach(), temp)
+        out.update({f"kappa_{name}_{key}": stats[key] for key in ("q05", "q50", "q95")})
+    return out
 
-    step, epoch, batch_in_epoch, last_checkpoint_step = 0, 0, 0, None
-    restored_eval: dict[str, float] = {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+class _Worker:
+    """One worker's run: position in the run, checkpoints, the non-finite policy, rank-0 logging."""
+
+    def __init__(self, plan: WorkerPlan) -> None:
+        self.plan, self.cfg = plan, plan.cfg
+        self.ctx = ray.train.get_context()
+        self.rank = self.ctx.get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.step_fn = DINOStep.build(self.cfg, self.device, wrap_student=ray.train.torch.prepare_model)
+        self.total_steps = plan.steps_per_epoch * self.cfg.optim.epochs
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.last_checkpoint: int | None = None
+        self.guard = NonFiniteGuard(self.cfg.optim.nonfinite_loss, self.cfg.optim.max_nonfinite_in_a_row)
+        self.evaluating = self.rank == 0 and plan.eval_data is not None and self.cfg.eval.every_epochs > 0
+        self.latest_eval: dict[str, float] = {"knn_top1": float("nan")} if self.evaluating else {}
+        self.logger = None
+        self.logged_upto = -1  # steps at or below were logged by an earlier attempt: one history, no repeats
+        if self.rank == 0 and plan.tracking_uri and plan.mlflow_run_id:
+            from raydino.tracking import RunLogger
+
+            self.logger = RunLogger(plan.tracking_uri, plan.mlflow_run_id)
+
+    def restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(directory, map_location=device)
-        student_module.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        loss_fn.load_state_dict(state["loss"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if state["steps_per_epoch"] != steps_per_epoch:  # resumed with another worker count or batch size
-            batch_in_epoch = round(batch_in_epoch * steps_per_epoch / state["steps_per_epoch"])
-            step = epoch * steps_per_epoch + batch_in_epoch  # same progress through the run, same schedules
-        last_checkpoint_step = step
-        restored_eval = state.get("latest_eval", {})
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if rank == 0:
-            _say(f"raydino: resumed from step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
-    total_steps = steps_per_epoch * cfg.optim.epochs
+            state = read_checkpoint(directory, map_location=self.device)
+        self.step_fn.load_state_dict(state.models())
+        self.step, self.epoch, self.batch_in_epoch = state.position(self.plan.steps_per_epoch)
+        self.last_checkpoint, self.guard.skipped = self.step, state.nonfinite_skipped
+        if self.evaluating and state.latest_eval:
+            self.latest_eval = state.latest_eval
+        if (rng := state.rng_for(self.rank)) is not None:
+            set_rng_state(rng)
+        if self.logger is not None:
+            self.logged_upto = self.logger.last_step("epoch")
+        if self.rank == 0:
+            _say(f"raydino: resumed from step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
 
-    logger = None
-    if rank == 0 and tracking_uri and run_id:
-        from raydino.tracking import RunLogger
+    def log(self, metrics: dict[str, float]) -> None:
+        """Rank 0 logs at the current step, tagged with the epoch; a step an earlier attempt logged
+        (before the crash that this attempt resumed from) is not logged again."""
+        if self.logger is not None and self.step > self.logged_upto:
+            self.logger.log_metrics({**metrics, "epoch": self.epoch}, self.step)
 
-        logger = RunLogger(tracking_uri, run_id)
-
-    step_fn = DINOStep(cfg, ddp_student, student_module, teacher, loss_fn, optimizer, device)
-    shard = ray.train.get_dataset_shard("train")
-    names = crop_names(cfg.data.crops.local_number)
-    batch_size = cfg.data.batch_size_per_worker
-
-    def save_and_report(metrics: dict[str, float]) -> None:
-        nonlocal last_checkpoint_step
-        rngs: list[Any] = [None] * ctx.get_world_size()
+    def save(self, metrics: dict[str, float]) -> None:
+        """Checkpoint and report; every report carries the latest evaluation, so a Tune scheduler
+        (ASHA on knn_top1) finds its metric in mid-epoch reports too."""
+        rngs: list[Any] = [None] * self.ctx.get_world_size()
         if dist.is_initialized():
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        # every report carries the latest evaluation, so a Tune scheduler (ASHA on knn_top1)
-        # finds its metric in mid-epoch checkpoint reports too
-        report = {**latest_eval, **metrics, "step": step, "epoch": epoch}
-        if rank != 0:
+        report = {**self.latest_eval, **metrics, "step": self.step, "epoch": self.epoch}
+        if self.rank != 0:
             ray.train.report(report)
-            last_checkpoint_step = step
-            return
-        state = {
-            "student": student_module.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "rng": rngs,
-            "latest_eval": latest_eval,
-        }
-        with tempfile.TemporaryDirectory(prefix="raydino-ckpt-") as tmp:
-            write_checkpoint(Path(tmp), state, cfg.to_yaml())
-            ray.train.report(
-                report,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"{CHECKPOINT_PREFIX}_{step:08d}",
+        else:
+            state = TrainState(
+                **self.step_fn.state_dict(), step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                steps_per_epoch=self.plan.steps_per_epoch, rng=rngs, latest_eval=self.latest_eval,
+                nonfinite_skipped=self.guard.skipped,
             )
-        last_checkpoint_step = step
+            with tempfile.TemporaryDirectory(prefix="raydino-ckpt-") as tmp:
+                write_checkpoint(Path(tmp), state, self.cfg.to_yaml())
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"{CHECKPOINT_PREFIX}_{self.step:08d}",
+                )
+        self.last_checkpoint = self.step
 
-    def last_checkpoint() -> str:
-        return f"step {last_checkpoint_step}" if last_checkpoint_step is not None else "none yet"
+    def train_step(self, batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, float] | None:
+        """One step; None when a non-finite loss was skipped (``optim.nonfinite_loss=skip``)."""
+        crops = normalize_crops([batch[name] for name in names], self.device)
+        last = f"step {self.last_checkpoint}" if self.last_checkpoint is not None else "none yet"
+        try:
+            metrics = self.step_fn(crops, self.step, self.total_steps)
+        except NonFiniteLossError as exc:
+            self.guard.nonfinite(exc, last)  # raises unless the policy is to skip
+            if self.rank == 0:
+                _say(f"raydino: skipped step {self.step}: non-finite loss ({self.guard.in_a_row} in a row)")
+            return None
+        self.guard.finite()
+        return metrics
 
-    metrics: dict[str, float] = {}
-    evaluating = rank == 0 and eval_data is not None and cfg.eval.every_epochs > 0
-    latest_eval: dict[str, float] = (restored_eval or {"knn_top1": float("nan")}) if evaluating else {}
-    if rank == 0:  # this attempt streams epochs epoch, epoch + 1, ... (see EpochClock)
-        ray.get(epoch_clock.set.remote(epoch), timeout=60)
-    _barrier()  # no worker starts the data before the clock shows it
-    # One iterator for the whole run: one Ray Data execution, crop actors started once.
-    # After a resume the stream starts afresh; the steps already trained are not replayed.
-    stream = iter(
-        shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=True,
-            prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_batches * batch_size or None,
-            local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
-            device="cpu",
+    def stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One iterator for the whole run: one Ray Data execution, crop actors started once.
+        After a resume the stream starts afresh; the steps already trained are not replayed."""
+        if self.rank == 0:  # this attempt streams epochs epoch, epoch + 1, ... (see EpochClock)
+            ray.get(self.plan.epoch_clock.set.remote(self.epoch), timeout=60)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no worker starts the data before the clock shows it
+        batch_size = self.cfg.data.batch_size_per_worker
+        return iter(
+            ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=batch_size,
+                drop_last=True,
+                prefetch_batches=2,
+                local_shuffle_buffer_size=self.cfg.data.shuffle_buffer_batches * batch_size or None,
+                local_shuffle_seed=self.cfg.seed + 1000 * self.epoch + self.rank,
+                device="cpu",
+            )
         )
-    )
-    while epoch < cfg.optim.epochs:
+
+    def end_epoch(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        epoch_metrics = {**metrics, "epoch_seconds": seconds, "nonfinite_skipped": float(self.guard.skipped)}
+        if self.evaluating and (self.epoch + 1) % self.cfg.eval.every_epochs == 0:
+            self.latest_eval = evaluate_network(
+                self.step_fn.teacher, self.plan.eval_data, self.device, self.cfg.eval.knn_k, self.cfg.eval.knn_temperature
+            )
+            epoch_metrics.update(self.latest_eval)
+        if self.rank == 0:
+            line = f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}  step {self.step}/{self.total_steps}  "
+            line += f"loss {metrics.get('loss', float('nan')):.4f}"
+            if "knn_top1" in epoch_metrics:
+                line += f"  kNN top-1 {epoch_metrics['knn_top1']:.1f}%"
+                line += f"  prototypes in use {epoch_metrics['prototypes_in_use']:.0f}"
+            _say(line + f"  ({seconds:.0f} s)")
+        return epoch_metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Run by every Ray Train worker; ``loop_config["plan"]`` is the driver's ``WorkerPlan``."""
+    _quiet_report_logs()
+    plan: WorkerPlan = loop_config["plan"]
+    cfg = plan.cfg
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    worker = _Worker(plan)
+    worker.restore()
+    stream = worker.stream()
+    names = crop_names(cfg.data.crops.local_number)
+    metrics: dict[str, float] = {}
+    while worker.epoch < cfg.optim.epochs:
         started = time.perf_counter()
-        while batch_in_epoch < steps_per_epoch:
+        while worker.batch_in_epoch < plan.steps_per_epoch:
             batch = next(stream, None)
             if batch is None:
                 raise RuntimeError(
-                    f"the data stream ended at step {step} of {total_steps}: the dataset yielded fewer images "
-                    f"than the {total_steps} steps planned from the files listed. Undecodable files are skipped "
-                    "(each is logged as 'skipping undecodable image <path>'); remove them, or files deleted "
-                    f"since the start, and run again to resume (last checkpoint: {last_checkpoint()})."
+                    f"the data stream ended at step {worker.step} of {worker.total_steps}: the dataset yielded fewer "
+                    f"images than the steps planned from the files listed. Undecodable files are skipped (each is "
+                    "logged as 'skipping undecodable image <path>'); remove them, or files deleted since the start, "
+                    f"and run again to resume (last checkpoint: step {worker.last_checkpoint})."
                 )
-            crops = normalize_crops([batch[name] for name in names], device)
-            try:
-                metrics = step_fn(crops, step, total_steps)
-            except NonFiniteLossError as exc:
-                raise TrainingDiverged(f"{exc} Last good checkpoint: {last_checkpoint()}.") from None
-            step += 1
-            batch_in_epoch += 1
-            if logger is not None and step % cfg.tracking.log_every_steps == 0:
-                metrics.update(_kappa_metrics(student_module.head.prototype_norms(), teacher.head.prototype_norms(), cfg, metrics["teacher_temp"]))
-                logger.log_metrics({**metrics, "epoch": epoch}, step)
+            result = worker.train_step(batch, names)
+            metrics = result or metrics
+            worker.step += 1
+            worker.batch_in_epoch += 1
+            if result is not None and worker.step % cfg.tracking.log_every_steps == 0:
+                if worker.batch_in_epoch < plan.steps_per_epoch:  # else with the epoch's metrics, in one batch
+                    worker.log({**metrics, **_kappa_metrics(worker.step_fn, metrics["teacher_temp"])})
             every = cfg.checkpoint.every_steps
-            if every and step % every == 0 and batch_in_epoch < steps_per_epoch:
-                save_and_report(metrics)
-        epoch_metrics = {**metrics, "epoch_seconds": time.perf_counter() - started}
-        if evaluating and (epoch + 1) % cfg.eval.every_epochs == 0:
-            latest_eval = evaluate_network(teacher, eval_data, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
-            epoch_metrics.update(latest_eval)
-        if rank == 0:
-            line = f"epoch {epoch + 1}/{cfg.optim.epochs}  step {step}/{total_steps}  loss {metrics.get('loss', float('nan')):.4f}"
-            if "knn_top1" in epoch_metrics:
-                line += f"  kNN top-1 {epoch_metrics['knn_top1']:.1f}%  prototypes in use {epoch_metrics['prototypes_in_use']:.0f}"
-            _say(line + f"  ({epoch_metrics['epoch_seconds']:.0f} s)")
-            if logger is not None:  # per-step metrics were logged already; add what the epoch adds
-                logger.log_metrics({k: v for k, v in epoch_metrics.items() if k not in metrics}, step)
-        epoch += 1
-        batch_in_epoch = 0
-        save_and_report(epoch_metrics)
+            if every and worker.step % every == 0 and worker.batch_in_epoch < plan.steps_per_epoch:
+                worker.save(metrics)
+        epoch_metrics = worker.end_epoch(metrics, time.perf_counter() - started)
+        if metrics and worker.step % cfg.tracking.log_every_steps == 0:
+            epoch_metrics.update(_kappa_metrics(worker.step_fn, metrics["teacher_temp"]))
+        else:  # this step's own metrics were not due: log only what the epoch adds
+            epoch_metrics = {k: v for k, v in epoch_metrics.items() if k not in metrics}
+        worker.log(epoch_metrics)
+        worker.epoch += 1
+        worker.batch_in_epoch = 0
+        worker.save(epoch_metrics)

@@ -1,14 +1,16 @@
 """One DINO / DINO-vMF optimisation step, in plain torch (no Ray, no MLflow).
 
-The Ray Train loop and the single-process smoke run both drive this class, so the
-numerics of a step live in one place.
+The Ray Train loop, the single-process run and the benchmarks all build it with
+``DINOStep.build``, so the numerics of a step and what belongs to a checkpoint live in
+one place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +18,12 @@ from torch import Tensor, nn
 from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
 from raydino.objectives import DINOLoss, koleo_loss
-from raydino.objectives.centering import all_reduce_sum
+from raydino.objectives.distributed import global_mean
 from raydino.schedules import ScheduleValues
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written for another architecture or loss than the one being built."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,29 +37,37 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
 
 
-def global_mean(x: Tensor) -> Tensor:
-    """Mean of a scalar over all workers (itself without a process group)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return all_reduce_sum(x.float()) / world
+class TrainingDiverged(RuntimeError):
+    """A run stopped for non-finite losses, with the step and the checkpoint to go back to."""
 
 
-def normalize_crops(crops: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
-    """uint8 (B, C, H, W) crops -> float32 ImageNet-normalised, on the training device.
+class NonFiniteGuard:
+    """``optim.nonfinite_loss``: ``stop`` at the first non-finite loss, or ``skip`` the step (nothing
+    was applied) and stop only after ``max_in_a_row`` in a row. Every worker sees the same
+    all-reduced loss, so all take the same decision."""
 
-    Grayscale crops are repeated to three channels.
-    """
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    out = []
-    for crop in crops:
-        x = crop.to(device, non_blocking=True).float().div_(255.0)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out.append((x - mean) / std)
-    return out
+    def __init__(self, policy: str, max_in_a_row: int, skipped: int = 0) -> None:
+        self.policy, self.max_in_a_row = policy, max_in_a_row
+        self.in_a_row, self.skipped = 0, skipped
+
+    def finite(self) -> None:
+        self.in_a_row = 0
+
+    def nonfinite(self, exc: NonFiniteLossError, last_checkpoint: str) -> None:
+        """Count a skipped step, or raise ``TrainingDiverged`` naming the step and the last good checkpoint."""
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.policy == "stop":
+            raise TrainingDiverged(f"{exc} Last good checkpoint: {last_checkpoint}.")
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingDiverged(
+                f"{exc} {self.in_a_row} non-finite losses in a row (optim.max_nonfinite_in_a_row={self.max_in_a_row}); "
+                f"{self.skipped} skipped in all. Last good checkpoint: {last_checkpoint}."
+            )
 
 
 def build_models(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:
+    """Student and teacher (an exact copy) for ``cfg``; seed torch first for reproducible weights."""
     return build_student_teacher(
         cfg.model.name,
         cfg.model.img_size,
@@ -67,6 +78,7 @@ def build_models(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:
 
 
 def build_loss(cfg: Config) -> DINOLoss:
+    """The loss with its centering state (checkpointed with the models)."""
     return DINOLoss(
         cfg.head.num_prototypes,
         cfg.head.bottleneck_dim,
@@ -83,6 +95,7 @@ def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
+    """This step's lr and weight decay; the last layer is frozen by its lr (0 while frozen)."""
     for group in optimizer.param_groups:
         group["lr"] = values.last_layer_lr if group["is_last_layer"] else values.lr
         group["weight_decay"] = values.weight_decay if group["apply_weight_decay"] else 0.0
@@ -118,6 +131,44 @@ class DINOStep:
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
 
+    @classmethod
+    def build(
+        cls, cfg: Config, device: torch.device, wrap_student: Callable[[nn.Module], nn.Module] | None = None
+    ) -> DINOStep:
+        """Models, loss and optimiser for ``cfg`` on ``device``. Seeds torch with ``cfg.seed`` first, so
+        every worker starts from the same weights; ``wrap_student`` (e.g. Ray's ``prepare_model``)
+        moves the student to the device and wraps it for DDP. The teacher is never wrapped."""
+        torch.manual_seed(cfg.seed)
+        student, teacher = build_models(cfg)
+        teacher.to(device)
+        loss_fn = build_loss(cfg).to(device)
+        wrapped = wrap_student(student) if wrap_student is not None else student.to(device)
+        module = wrapped.module if hasattr(wrapped, "module") else wrapped
+        return cls(cfg, wrapped, module, teacher, loss_fn, build_optimizer(cfg, module), device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds of the step: both networks, the optimiser, the centering state."""
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's ``state_dict``; a checkpoint of another architecture is named as such."""
+        try:
+            self.student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loss_fn.load_state_dict(state["loss"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointMismatchError(
+                f"the checkpoint does not fit this configuration ({str(exc).strip()[:600]}). It was written by a run "
+                "with another model, head or centering: resume with that run's config, or start a new run "
+                "(another tracking.run_name)"
+            ) from None
+
     def __call__(self, crops: Sequence[Tensor], step: int, total_steps: int) -> dict[str, float]:
         """One optimisation step on normalised float crops (global crops first)."""
         values = self.schedules.at(step, total_steps)
@@ -137,6 +188,7 @@ class DINOStep:
             values.teacher_temp,
             student_norms,
             teacher_norms,
+            update_center=False,
         )
         loss = out.loss
         koleo = None
@@ -146,8 +198,9 @@ class DINOStep:
         parts = [loss.detach()] if koleo is None else [loss.detach(), out.loss.detach(), koleo.detach()]
         means = global_mean(torch.stack(parts)).tolist()  # one all-reduce; every worker sees a NaN anywhere
         loss_value = means[0]
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value):  # nothing changed yet: weights, optimiser and center as before the step
             raise NonFiniteLossError(step, loss_value)
+        self.loss_fn.commit_center()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float("nan")

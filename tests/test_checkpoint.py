@@ -1,0 +1,108 @@
+"""Checkpoint files: round trip, atomic writes, weights_only loading, clear errors for foreign files."""
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from raydino.config import load_config
+from raydino.step import CheckpointMismatchError, DINOStep
+from raydino.train.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+
+TINY = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "head.num_prototypes=32",
+    "head.hidden_dim=32",
+    "head.bottleneck_dim=16",
+]
+
+
+def _state(step_fn: DINOStep, **extra) -> TrainState:
+    return TrainState(**step_fn.state_dict(), step=7, epoch=1, batch_in_epoch=3, steps_per_epoch=4,
+                      rng=[rng_state()], latest_eval={"knn_top1": 12.5}, **extra)
+
+
+def test_round_trip_restores_every_part(tmp_path):
+    cfg = load_config(overrides=TINY)
+    step_fn = DINOStep.build(cfg, torch.device("cpu"))
+    write_checkpoint(tmp_path, _state(step_fn, nonfinite_skipped=2), cfg.to_yaml())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", STATE_FILE]  # no temporary files left
+    state = read_checkpoint(tmp_path)
+    assert (state.step, state.epoch, state.batch_in_epoch, state.nonfinite_skipped) == (7, 1, 3, 2)
+    assert state.latest_eval == {"knn_top1": 12.5}
+    other = DINOStep.build(load_config(overrides=[*TINY, "seed=1"]), torch.device("cpu"))
+    before = next(iter(other.student_module.parameters())).detach().clone()
+    assert not torch.equal(before, next(iter(step_fn.student_module.parameters())))  # seed 1: other weights
+    other.load_state_dict(state.models())
+    for (name, a), b in zip(step_fn.student_module.state_dict().items(), other.student_module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    cfg = load_config(overrides=TINY)
+    step_fn = DINOStep.build(cfg, torch.device("cpu"))
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    write_checkpoint(tmp_path, _state(step_fn), cfg.to_yaml())
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_state(read_checkpoint(tmp_path).rng_for(0))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_position_rescales_to_another_epoch_length():
+    state = TrainState({}, {}, {}, {}, step=30, epoch=2, batch_in_epoch=5, steps_per_epoch=10)
+    assert state.position(10) == (30, 2, 5)
+    assert state.position(20) == (50, 2, 10)  # same fraction of the epoch, same schedules
+    assert state.position(4) == (10, 2, 2)
+
+
+def test_missing_state_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="not a raydino checkpoint"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / STATE_FILE).write_bytes(b"not a torch file at all")
+    with pytest.raises(CheckpointError, match="not a raydino checkpoint"):
+        read_checkpoint(tmp_path)
+
+
+class _Payload:  # any pickled object, as a malicious or foreign checkpoint could hold
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_objects_are_not_loaded(tmp_path, capsys):
+    torch.save({"format": "raydino-checkpoint/2", "student": _Payload()}, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match="tensors and plain values"):
+        read_checkpoint(tmp_path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_another_torch_file_is_refused_by_format(tmp_path):
+    torch.save({"model": torch.zeros(2)}, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match="format"):
+        read_checkpoint(tmp_path)
+    with (tmp_path / STATE_FILE).open("wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(CheckpointError):
+        read_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_of_another_architecture_is_named_as_such(tmp_path):
+    cfg = load_config(overrides=TINY)
+    write_checkpoint(tmp_path, _state(DINOStep.build(cfg, torch.device("cpu"))), cfg.to_yaml())
+    wider = DINOStep.build(load_config(overrides=[*TINY, "head.num_prototypes=64"]), torch.device("cpu"))
+    with pytest.raises(CheckpointMismatchError, match="another model, head or centering"):
+        wider.load_state_dict(read_checkpoint(tmp_path).models())

@@ -1,0 +1,55 @@
+"""What pretrain resolves once before Ray starts: storage, run name, data path; the registries."""
+
+from typing import get_args
+
+import pytest
+
+from raydino.config import ConfigError, DataConfig, LossConfig, load_config
+from raydino.plan import check_data_path, plan_run
+from raydino.registry import CENTERING_MODES, DATA_SOURCES, require_all
+from raydino.storage import StorageError, join_storage, resolve_storage
+
+
+def test_remote_storage_stays_a_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage("s3://bucket/runs/") == "s3://bucket/runs"
+    assert join_storage("s3://bucket/runs", "sweep", "train") == "s3://bucket/runs/sweep/train"
+    plan = plan_run(load_config(overrides=["checkpoint.storage_path=s3://bucket/runs", "tracking.run_name=r"]))
+    assert plan.storage == plan.cfg.checkpoint.storage_path == "s3://bucket/runs"
+    assert plan.run_dir == "s3://bucket/runs/r"
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_local_storage_is_absolute_and_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = plan_run(load_config(overrides=["checkpoint.storage_path=runs"]))
+    assert plan.storage == str(tmp_path / "runs") and (tmp_path / "runs").is_dir()
+    assert plan.run_name.startswith("dino-vmf-digits-") and plan.cfg.tracking.run_name == plan.run_name
+    assert resolve_storage(None) == str(tmp_path / "raydino_runs")
+
+
+def test_unwritable_storage_says_what_to_do(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="not writable.*checkpoint.storage_path"):
+        resolve_storage(blocker / "runs")
+
+
+def test_missing_data_path_fails_before_anything_starts(tmp_path):
+    cfg = load_config(overrides=["data.source=imagefolder", f"data.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="<class_name>"):
+        check_data_path(cfg)
+    with pytest.raises(FileNotFoundError):
+        plan_run(cfg)
+
+
+def test_config_choices_are_the_registries():
+    assert set(get_args(LossConfig.model_fields["centering"].annotation)) == set(CENTERING_MODES)
+    assert set(get_args(DataConfig.model_fields["source"].annotation)) == set(DATA_SOURCES)
+    with pytest.raises(ConfigError, match="data.source=.images. needs data.path"):
+        load_config(overrides=["data.source=images"])
+
+
+def test_an_unregistered_implementation_fails_at_import():
+    with pytest.raises(ImportError, match="not implemented \\['b'\\], not registered \\['c'\\]"):
+        require_all({"a": 1, "b": 2}, ["a", "c"], "things")
