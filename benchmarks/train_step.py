@@ -33,11 +33,10 @@ from mlflow import MlflowClient
 from ray.data.extensions import ArrowTensorArray
 
 from raydino.config import load_config
-from raydino.data.augment import MultiCrop
+from raydino.data.augment import MultiCrop, crop_names
 from raydino.data.clock import EpochClock
 from raydino.data.embedded import load_digits
 from raydino.data.pipeline import epoch_stream
-from raydino.data.augment import crop_names
 from raydino.models import normalize_crops
 from raydino.step import DINOStep
 from raydino.tracking import create_run

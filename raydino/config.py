@@ -83,6 +83,10 @@ class DataConfig(_Section):
     crops: CropsConfig = Field(default_factory=CropsConfig)
     num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop")
     cpus_per_crop_actor: float = Field(1.0, gt=0.0)
+    crop_actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources per crop actor, e.g. {data_node: 1} to keep them on CPU-only nodes",
+    )
     crop_batch_size: int = Field(64, ge=1, description="images per multi-crop actor call")
     shuffle_buffer_batches: int = Field(4, ge=0, description="local shuffle buffer, in training batches")
 
@@ -116,6 +120,12 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per train worker, e.g. {train_node: 1}"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the train workers over nodes (SPREAD: one per node where possible)"
+    )
 
 
 class TrackingConfig(_Section):

@@ -36,7 +36,7 @@ def _blur(size: int, p: float) -> v2.Transform:
     """Gaussian blur with DINO's sigma range (0.1, 2) at 224 px, scaled to the crop size."""
     scale = size / 224.0
     sigma = (0.1 * scale, 2.0 * scale)
-    kernel = max(3, 2 * int(round(3 * sigma[1])) + 1)
+    kernel = max(3, 2 * round(3 * sigma[1]) + 1)
     return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
 

@@ -139,11 +139,14 @@ def multicrop_dataset(
     *,
     epoch: int = 0,
     cpus_per_actor: float = 1.0,
+    actor_resources: dict[str, float] | None = None,
     epoch_clock: Any = None,
 ) -> ray.data.Dataset:
     """Apply DINO multi-crop to rows ``{"image": uint8 CHW, "label"?, "key"?}`` on ``num_actors`` CPU actors.
 
-    ``batch_size`` is the number of images per actor call (not the training batch). With an
+    ``batch_size`` is the number of images per actor call (not the training batch);
+    ``actor_resources`` are custom Ray resources each actor also needs (to place the actors on
+    CPU-only nodes of a cluster). With an
     ``EpochClock`` handle the epoch is read from it for every batch instead of ``epoch``. Budget
     ``num_actors * cpus_per_actor`` logical CPUs besides the train workers and the decode
     tasks: an under-sized cluster stalls rather than failing.
@@ -165,4 +168,5 @@ def multicrop_dataset(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
+        **({"resources": dict(actor_resources)} if actor_resources else {}),
     )

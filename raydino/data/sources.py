@@ -162,7 +162,7 @@ def _decode_batch(
         relative = path.removeprefix(prefix)
         try:
             image = decode_image(data)
-        except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError, ...
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types: UnidentifiedImageError, OSError, ...
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("raydino: skipping undecodable image %s (%s)", path, reason)
             failures.append((path, reason))

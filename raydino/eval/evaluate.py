@@ -7,6 +7,7 @@ end of a run by the driver and by ``raydino evaluate``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -12,7 +14,7 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use
         return nn.Sequential(nn.Linear(in_dim, bottleneck_dim))
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (num_layers - 1)
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers.append(nn.Linear(a, b))
         if use_bn:
             layers.append(nn.BatchNorm1d(b))

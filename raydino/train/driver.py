@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.plan import RunPlan
-from raydino.storage import is_remote, join_storage, resolve_storage
 from raydino.step import TrainingDiverged
+from raydino.storage import is_remote, join_storage, resolve_storage
 from raydino.train.loop import WorkerPlan, train_loop_per_worker
 
 
@@ -124,7 +123,8 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=run_config,
         datasets={"train": dataset},
@@ -168,6 +168,7 @@ def run_pretraining(
         cfg.data.num_crop_actors,
         cfg.data.crop_batch_size,
         cpus_per_actor=cfg.data.cpus_per_crop_actor,
+        actor_resources=cfg.data.crop_actor_resources,
         epoch_clock=clock,
     )
     worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, load_eval_data(cfg), plan.tracking_uri, plan.mlflow_run_id)

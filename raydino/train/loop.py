@@ -226,9 +226,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = result or metrics
             worker.step += 1
             worker.batch_in_epoch += 1
-            if result is not None and worker.step % cfg.tracking.log_every_steps == 0:
-                if worker.batch_in_epoch < plan.steps_per_epoch:  # else with the epoch's metrics, in one batch
-                    worker.log({**metrics, **_kappa_metrics(worker.step_fn, metrics["teacher_temp"])})
+            due = result is not None and worker.step % cfg.tracking.log_every_steps == 0
+            if due and worker.batch_in_epoch < plan.steps_per_epoch:  # the last step logs with its epoch, at once
+                worker.log({**metrics, **_kappa_metrics(worker.step_fn, metrics["teacher_temp"])})
             every = cfg.checkpoint.every_steps
             if every and worker.step % every == 0 and worker.batch_in_epoch < plan.steps_per_epoch:
                 worker.save(metrics)

@@ -1,0 +1,141 @@
+"""A pretraining run on a simulated multi-node cluster (``ray.cluster_utils.Cluster``), in its own process.
+
+Run by tests/test_multinode.py: a test process holds the session's single-node Ray, and a
+process can join only one Ray. Layout, as cluster.yaml's node types: a head with no CPU
+for tasks, "train" nodes (one ``train_node`` resource each, standing in for a GPU node), and
+a CPU-only "data" node (``data_node``) for the multi-crop actors. Two faults are injected
+into one run (each restart costs about a minute on 2 cores): a train worker's node is removed
+after the first checkpoint, then a worker process is killed once the restarted run has
+checkpointed past its first epoch. Prints one JSON line: placement, faults, steps, history.
+
+    python tests/multinode_job.py WORKDIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from raydino.config import load_config
+from raydino.pretrain import pretrain
+from raydino.train.driver import quiet_ray_data
+
+TINY = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "head.num_prototypes=64",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=16",
+    "data.crops.local_number=2",
+    "data.batch_size_per_worker=64",
+    "data.crop_batch_size=64",
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "loss.warmup_teacher_temp_epochs=0",
+    "eval.every_epochs=0",
+    "tracking.log_every_steps=1",
+    "scaling.num_workers=2",
+    "scaling.resources_per_worker={train_node: 1}",
+    "scaling.placement_strategy=SPREAD",
+    "data.crop_actor_resources={data_node: 1}",
+    "checkpoint.every_steps=4",
+]
+
+
+def _actors(class_fragment: str) -> list[dict]:
+    return [
+        {"node_id": a.node_id, "pid": a.pid, "state": a.state}
+        for a in list_actors(detail=True, limit=1000, raise_on_missing_output=False)
+        if class_fragment in a.class_name
+    ]
+
+
+def _committed_checkpoints(run_dir: Path) -> list[str]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train's record of committed checkpoints
+    try:
+        return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def main(workdir: Path) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no training
+    # three train nodes: two for the run, one to take over from the node that is removed
+    train_nodes = [cluster.add_node(num_cpus=2, resources={"train_node": 1}) for _ in range(3)]
+    data_node = cluster.add_node(num_cpus=2, resources={"data_node": 1})
+    os.environ["RAY_ADDRESS"] = cluster.address  # Ray's helper processes join this cluster, not another on the machine
+    ray.init(address=cluster.address)
+    quiet_ray_data()
+    node_kind = {n.node_id: f"train{i}" for i, n in enumerate(train_nodes)} | {data_node.node_id: "data",
+                                                                                 cluster.head_node.node_id: "head"}
+    epochs = 2
+    cfg = load_config(overrides=[*TINY, f"optim.epochs={epochs}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+                                 f"checkpoint.storage_path={workdir / 'runs'}", "tracking.run_name=faults",
+                                 "checkpoint.max_failures=2"])
+    faults: list[dict[str, object]] = []
+    run_dir = workdir / "runs" / "faults"
+
+    def wait_for_checkpoint(min_step: int, deadline: float) -> list[str]:
+        while time.monotonic() < deadline:
+            done = _committed_checkpoints(run_dir)
+            if any(int(name.split("_")[1]) >= min_step for name in done):
+                return done
+            time.sleep(0.2)
+        raise TimeoutError(f"no checkpoint at step >= {min_step} in time")
+
+    def inject_faults() -> None:
+        """Remove a train worker's node after the first checkpoint; SIGKILL a worker process
+        once the restarted run has checkpointed past the first epoch."""
+        deadline = time.monotonic() + 400
+        checkpoints = wait_for_checkpoint(1, deadline)
+        alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
+        victim = next(n for n in train_nodes if n.node_id == alive[0]["node_id"])
+        faults.append({"fault": "remove node", "node": node_kind[victim.node_id], "after": checkpoints,
+                       "workers_on": sorted(node_kind[a["node_id"]] for a in alive),
+                       "crop_actors_on": sorted(node_kind[a["node_id"]] for a in _actors("MapWorker")
+                                                if a["state"] == "ALIVE"),
+                       "at": time.monotonic() - started})
+        cluster.remove_node(victim, allow_graceful=False)
+        steps_per_epoch = 1347 // 2 // 64
+        checkpoints = wait_for_checkpoint(steps_per_epoch + 1, deadline)
+        alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
+        faults.append({"fault": "kill worker process", "node": node_kind[alive[-1]["node_id"]], "after": checkpoints,
+                       "workers_on": sorted(node_kind[a["node_id"]] for a in alive), "at": time.monotonic() - started})
+        os.kill(alive[-1]["pid"], signal.SIGKILL)
+
+    started = time.monotonic()
+    threading.Thread(target=inject_faults, daemon=True).start()
+    summary = pretrain(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    seconds = time.monotonic() - started
+    workers = _actors("RayTrainWorker")
+    crop_actors = _actors("MapWorker")
+    from mlflow import MlflowClient
+
+    history = [m.step for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "loss")]
+    out = {
+        "steps": summary.result.steps,
+        "steps_per_epoch": 1347 // 2 // 64,
+        "epochs": epochs,
+        "history": sorted(history),
+        "seconds": seconds,
+        "worker_nodes": [node_kind.get(a["node_id"], "?") for a in workers],
+        "crop_actor_nodes": [node_kind.get(a["node_id"], "?") for a in crop_actors],
+        "faults": faults,
+        "status": MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).info.status,
+    }
+    print(json.dumps(out), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    main(Path(sys.argv[1]))

@@ -1,0 +1,36 @@
+"""Multi-node runs and faults on a simulated cluster (``ray.cluster_utils.Cluster``: several raylets
+on one machine), run in a subprocess (tests/multinode_job.py) because this process holds the
+session's single-node Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JOB = Path(__file__).with_name("multinode_job.py")
+
+
+@pytest.mark.timeout(560)
+def test_two_node_run_survives_a_removed_node_and_a_killed_worker(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(JOB), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    remove, kill = out["faults"]
+    # placement: the two train workers sit on different train nodes, the crop actors on the CPU-only node
+    assert len(set(remove["workers_on"])) == 2 and all(n.startswith("train") for n in remove["workers_on"])
+    assert remove["crop_actors_on"] == ["data"] and set(out["crop_actor_nodes"]) == {"data"}
+    assert "head" not in out["worker_nodes"] + out["crop_actor_nodes"]  # the head has no CPU for tasks
+    # faults: a node removed after the first checkpoint, a worker process killed after a later one
+    assert remove["fault"] == "remove node" and int(remove["after"][-1].split("_")[1]) < out["steps_per_epoch"]
+    assert kill["fault"] == "kill worker process" and remove["node"] not in kill["workers_on"]
+    # the run restarted from its checkpoints and finished with the right step count, one continuous history
+    total = out["steps_per_epoch"] * out["epochs"]
+    assert out["steps"] == total
+    assert out["history"] == list(range(1, total + 1))
+    assert out["status"] == "FINISHED"
