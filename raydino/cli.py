@@ -6,20 +6,20 @@ import argparse
 import logging
 import sys
 
-from raydino.config import PRESETS, ConfigError, load_config
+from raydino.config import METHODS, PRESETS, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydino",
-        description="Self-supervised ViT pretraining with DINO and DINO-vMF.",
+        description="Self-supervised ViT pretraining with DINO, DINO-vMF, iBOT and iBOT-vMF.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser(
         "pretrain",
         help="pretrain a ViT (default: the cpu_demo preset on scikit-learn's digits)",
         description=(
-            "Pretrain a ViT with DINO / DINO-vMF. With no arguments, runs the cpu_demo preset on the "
+            "Pretrain a ViT with DINO, DINO-vMF, iBOT or iBOT-vMF. With no arguments, runs the cpu_demo preset on the "
             "embedded digits dataset and reports kNN top-1 against a random initialisation. "
             "Settings: --preset, then --config FILE, then key=value overrides such as loss.vmf=true."
         ),
@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="base settings (default: cpu_demo)")
     pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
+    pre.add_argument("--method", choices=sorted(METHODS), help="sets loss.method and loss.vmf (default: the preset's)")
     pre.add_argument("--local", action="store_true", help="single process, no Ray (quick smoke run)")
     pre.add_argument("--max-steps", type=int, help="with --local: stop after this many steps")
     pre.add_argument("--storage", help="checkpoint.storage_path: a directory or s3:// URI (default ./raydino_runs)")
@@ -105,12 +106,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides = ["data.source=imagefolder", f"data.path={args.data}", *overrides]
+    if args.method:
+        overrides = [f"{key}={value}" for key, value in METHODS[args.method].items()] + overrides
     if args.storage:
         overrides = [f"checkpoint.storage_path={args.storage}", *overrides]
     if args.max_failures is not None:
         overrides = [f"checkpoint.max_failures={args.max_failures}", *overrides]
     cfg = load_config(args.config, overrides, args.preset)
-    print(f"raydino: {cfg.model.name} on {cfg.data.source}, vmf={cfg.loss.vmf}, centering={cfg.loss.centering}", flush=True)
+    print(f"raydino: {cfg.method_name}, {cfg.model.name} on {cfg.data.source}, centering={cfg.loss.centering}", flush=True)
     if not args.local:
         from raydino.pretrain import pretrain, summary_lines
 

@@ -2,8 +2,10 @@
 
 Built from a preset, then a YAML file, then dotted overrides (``loss.vmf=true``),
 validated once at load: unknown keys and out-of-range values fail with a message
-that names the key and what is allowed. ``resolve`` applies the batch-size scaling
-of the learning rate; the resolved config is what gets logged and checkpointed.
+that names the key and what is allowed. ``Config.lr`` applies the batch-size scaling
+of the learning rate; ``raydino.plan.plan_run`` fills in the run name and storage, and
+that config is what gets logged and checkpointed. Choices (data sources, centering
+modes) come from ``raydino.registry``.
 """
 
 from __future__ import annotations
@@ -46,9 +48,32 @@ class HeadConfig(_Section):
     num_layers: int = Field(3, ge=1, le=8)
     use_bn: bool = False
     norm_last_layer: bool = True
+    patch_prototypes: Literal["shared", "separate"] = Field(
+        "shared", description="iBOT: score patch tokens with the [CLS] prototypes or with their own"
+    )
+    num_patch_prototypes: int | None = Field(None, ge=2, le=1_048_576, description="separate: default num_prototypes")
+
+
+class MaskConfig(_Section):
+    """iBOT's block-wise masks on the student's global crops (used with loss.method=ibot)."""
+
+    ratio: tuple[float, float] = Field((0.1, 0.5), description="prediction ratio range of a masked image")
+    unmasked_share: float = Field(0.5, ge=0.0, lt=1.0, description="share of images left unmasked")
+    aspect: tuple[float, float] = Field((0.3, 1 / 0.3), description="block aspect ratio range")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> MaskConfig:
+        lo, hi = self.ratio
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"mask.ratio=({lo}, {hi}): need 0 < low <= high < 1 (fractions of the patches)")
+        a, b = self.aspect
+        if not 0.0 < a <= 1.0 <= b:
+            raise ValueError(f"mask.aspect=({a}, {b}): need 0 < low <= 1 <= high")
+        return self
 
 
 class LossConfig(_Section):
+    method: Literal["dino", "ibot"] = Field("dino", description="ibot adds masked patch prediction (iBOT)")
     vmf: bool = False
     student_temp: float = Field(0.1, gt=0.0, le=1.0)
     warmup_teacher_temp: float = Field(0.04, gt=0.0, le=1.0)
@@ -58,6 +83,11 @@ class LossConfig(_Section):
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     sinkhorn_iterations: int = Field(3, ge=1, le=100)
     koleo_weight: float = Field(0.0, ge=0.0, description="KoLeo anti-collapse term on student features (DINOv2: 0.1)")
+    warmup_teacher_patch_temp: float = Field(0.04, gt=0.0, le=1.0, description="iBOT: patch teacher temperature")
+    teacher_patch_temp: float = Field(0.07, gt=0.0, le=1.0)
+    patch_centering: CenteringMode | None = Field(None, description="iBOT: the patch center's mode; default centering")
+    lambda1: float = Field(1.0, ge=0.0, description="iBOT: weight of the [CLS] loss")
+    lambda2: float = Field(1.0, ge=0.0, description="iBOT: weight of the patch loss")
 
 
 class CropsConfig(_Section):
@@ -69,6 +99,11 @@ class CropsConfig(_Section):
 
     @model_validator(mode="after")
     def _scales(self) -> CropsConfig:
+        if self.local_number and self.local_size > self.global_size:
+            raise ValueError(
+                f"data.crops.local_size={self.local_size} exceeds data.crops.global_size={self.global_size}: "
+                "local crops are the small views; make them smaller than the global crops"
+            )
         for key in ("global_scale", "local_scale"):
             lo, hi = getattr(self, key)
             if not 0.0 < lo <= hi <= 1.0:
@@ -166,6 +201,12 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+
+    @property
+    def method_name(self) -> str:
+        """dino, dino-vmf, ibot or ibot-vmf."""
+        return self.loss.method + ("-vmf" if self.loss.vmf else "")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -206,6 +247,8 @@ class Config(_Section):
             teacher_temp=lo.teacher_temp,
             warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
             freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+            warmup_teacher_patch_temp=lo.warmup_teacher_patch_temp,
+            teacher_patch_temp=lo.teacher_patch_temp,
         )
 
     def flat(self) -> dict[str, Any]:
@@ -243,6 +286,58 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
         "scaling": {"num_workers": 32, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    # iBOT's published recipes (github.com/bytedance/ibot, README run commands): 8192 prototypes
+    # shared by [CLS] and patches, 10 local crops, half the images masked at a ratio in
+    # (0.1, 0.5) (pred_ratio 0 0.3, pred_ratio_var 0 0.2), patch teacher 0.04 -> 0.07; lr, weight
+    # decay and momentum at DINO's defaults, as iBOT's run commands leave them
+    "imagenet_ibot_vit_small": {
+        "model": {"name": "vit_small_patch16_224", "drop_path_rate": 0.1},
+        "head": {"num_prototypes": 8192, "norm_last_layer": False, "patch_prototypes": "shared"},
+        "loss": {
+            "method": "ibot",
+            "warmup_teacher_temp": 0.04,
+            "teacher_temp": 0.07,
+            "warmup_teacher_patch_temp": 0.04,
+            "teacher_patch_temp": 0.07,
+            "warmup_teacher_temp_epochs": 30,
+        },
+        "mask": {"ratio": [0.1, 0.5], "unmasked_share": 0.5},
+        "data": {
+            "source": "imagefolder",
+            "path": "/data/imagenet/train",
+            "batch_size_per_worker": 64,
+            "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
+        },
+        "optim": {"epochs": 800, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0},
+        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    "imagenet_ibot_vit_base": {
+        "model": {"name": "vit_base_patch16_224", "drop_path_rate": 0.1},
+        "head": {"num_prototypes": 8192, "norm_last_layer": True, "patch_prototypes": "shared"},
+        "loss": {
+            "method": "ibot",
+            "warmup_teacher_temp": 0.04,
+            "teacher_temp": 0.07,
+            "warmup_teacher_patch_temp": 0.04,
+            "teacher_patch_temp": 0.07,
+            "warmup_teacher_temp_epochs": 50,
+        },
+        "mask": {"ratio": [0.1, 0.5], "unmasked_share": 0.5},
+        "data": {
+            "source": "imagefolder",
+            "path": "/data/imagenet/train",
+            "batch_size_per_worker": 64,
+            "crops": {"local_number": 10, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
+        },
+        "optim": {
+            "epochs": 400,
+            "warmup_epochs": 10,
+            "freeze_last_layer_epochs": 3,
+            "clip_grad": 3.0,
+            "momentum_teacher": 0.996,
+        },
+        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
     },
     "cpu_demo": {
         "model": {
@@ -293,6 +388,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_PRESET = "cpu_demo"
+
+# the four methods as the config keys that select them (CLI --method, sweep --methods)
+METHODS: dict[str, dict[str, Any]] = {
+    "dino": {"loss.method": "dino", "loss.vmf": False},
+    "dino-vmf": {"loss.method": "dino", "loss.vmf": True},
+    "ibot": {"loss.method": "ibot", "loss.vmf": False},
+    "ibot-vmf": {"loss.method": "ibot", "loss.vmf": True},
+}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

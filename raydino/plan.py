@@ -36,13 +36,9 @@ class RunPlan:
         return self.cfg.checkpoint.max_failures
 
 
-def method_name(cfg: Config) -> str:
-    return "dino-vmf" if cfg.loss.vmf else "dino"
-
-
 def default_run_name(cfg: Config) -> str:
     """A new name every time (a timestamp): runs resume only under a name given explicitly."""
-    return f"{method_name(cfg)}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{cfg.method_name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_data_path(cfg: Config) -> None:

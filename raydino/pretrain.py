@@ -24,7 +24,7 @@ from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_proto
 from raydino.eval.prototypes import kappa_statistics
 from raydino.export import export_backbone, load_teacher
 from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
-from raydino.plan import method_name, plan_run
+from raydino.plan import plan_run
 from raydino.step import build_models
 from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
 from raydino.train.driver import TrainResult, run_pretraining
@@ -115,7 +115,7 @@ def pretrain(
     cfg = plan.cfg
     run_id = find_run(uri, cfg.tracking.experiment, plan.run_name)
     if run_id is None:
-        all_tags = {"raydino.method": method_name(cfg), "raydino.source": cfg.data.source}
+        all_tags = {"raydino.method": cfg.method_name, "raydino.source": cfg.data.source}
         run_id = create_run(
             uri, cfg.tracking.experiment, plan.run_name, cfg.flat(), {**all_tags, **(tags or {})}, parent_run_id
         )

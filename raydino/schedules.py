@@ -56,6 +56,7 @@ class ScheduleValues:
     weight_decay: float
     teacher_momentum: float
     teacher_temp: float
+    teacher_patch_temp: float
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Schedules:
     teacher_temp: float
     warmup_teacher_temp_epochs: float
     freeze_last_layer_epochs: float
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    """iBOT's patch temperature, warmed up over the same epochs as the [CLS] one."""
 
     def at(self, step: int, total_steps: int) -> ScheduleValues:
         _check(step, total_steps)
@@ -87,4 +91,5 @@ class Schedules:
             weight_decay=cosine(step, total_steps, self.weight_decay, self.weight_decay_end),
             teacher_momentum=cosine(step, total_steps, self.momentum_teacher, 1.0),
             teacher_temp=linear_warmup(step, temp_steps, self.warmup_teacher_temp, self.teacher_temp),
+            teacher_patch_temp=linear_warmup(step, temp_steps, self.warmup_teacher_patch_temp, self.teacher_patch_temp),
         )

@@ -12,13 +12,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
+from raydino.models.masking import sample_masks
 from raydino.objectives import DINOLoss, koleo_loss
 from raydino.objectives.distributed import global_mean
+from raydino.objectives.ibot import IBOTLoss
 from raydino.schedules import ScheduleValues
 
 
@@ -74,11 +77,26 @@ def build_models(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:
         dict(cfg.model.kwargs),
         cfg.head.model_dump(),
         cfg.model.drop_path_rate,
+        masked=cfg.loss.method == "ibot",
     )
 
 
-def build_loss(cfg: Config) -> DINOLoss:
+def build_loss(cfg: Config) -> DINOLoss | IBOTLoss:
     """The loss with its centering state (checkpointed with the models)."""
+    if cfg.loss.method == "ibot":
+        separate = cfg.head.patch_prototypes == "separate" and cfg.head.num_patch_prototypes
+        return IBOTLoss(
+            cfg.head.num_prototypes,
+            cfg.head.num_patch_prototypes if separate else cfg.head.num_prototypes,
+            cfg.head.bottleneck_dim,
+            vmf=cfg.loss.vmf,
+            centering=cfg.loss.centering,
+            patch_centering=cfg.loss.patch_centering,
+            center_momentum=cfg.loss.center_momentum,
+            sinkhorn_iterations=cfg.loss.sinkhorn_iterations,
+            lambda1=cfg.loss.lambda1,
+            lambda2=cfg.loss.lambda2,
+        )
     return DINOLoss(
         cfg.head.num_prototypes,
         cfg.head.bottleneck_dim,
@@ -113,7 +131,7 @@ class DINOStep:
         student: nn.Module,
         student_module: MultiCropNetwork,
         teacher: MultiCropNetwork,
-        loss_fn: DINOLoss,
+        loss_fn: DINOLoss | IBOTLoss,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
     ) -> None:
@@ -169,37 +187,57 @@ class DINOStep:
                 "(another tracking.run_name)"
             ) from None
 
+    def masks(self, crops: Sequence[Tensor], step: int) -> list[Tensor] | None:
+        """iBOT's block masks for the global crops of this step, seeded by (seed, step, rank):
+        reproducible, different on every worker, independent of the data order."""
+        if self.cfg.loss.method != "ibot":
+            return None
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = np.random.default_rng([self.cfg.seed, step, rank])
+        grid = self.student_module.patch_grid(crops[0].shape[-1])
+        m = self.cfg.mask
+        return [
+            torch.from_numpy(sample_masks(len(crop), grid, rng, m.ratio, m.unmasked_share, m.aspect)).to(self.device)
+            for crop in crops[: self.num_global]
+        ]
+
+    def _loss(self, crops: Sequence[Tensor], masks: list[Tensor] | None, values: ScheduleValues) -> tuple[Any, Any]:
+        """Forward both networks and score them; returns the loss output and the student's output."""
+        koleo = self.cfg.loss.koleo_weight > 0
+        with self._autocast():
+            with torch.no_grad():
+                teacher = self.teacher(crops[: self.num_global], return_patches=masks is not None)
+            student = self.student(crops, masks=masks, return_features=koleo, return_patches=masks is not None)
+        temps = (self.cfg.loss.student_temp, values.teacher_temp)
+        if masks is None:
+            out = self.loss_fn(student.scores, teacher.scores, *temps, student.norms, teacher.norms, update_center=False)
+        else:
+            out = self.loss_fn(
+                student.scores, teacher.scores, student.patch_scores, teacher.patch_scores, masks,
+                *temps, values.teacher_patch_temp, student.norms, teacher.norms, student.patch_norms,
+                teacher.patch_norms, update_center=False,
+            )
+        return out, student
+
     def __call__(self, crops: Sequence[Tensor], step: int, total_steps: int) -> dict[str, float]:
         """One optimisation step on normalised float crops (global crops first)."""
         values = self.schedules.at(step, total_steps)
         apply_schedule(self.optimizer, values)
-        with self._autocast():
-            with torch.no_grad():
-                teacher_scores, teacher_norms = self.teacher(crops[: self.num_global])
-            koleo_weight = self.cfg.loss.koleo_weight
-            if koleo_weight > 0:
-                student_scores, student_norms, features = self.student(crops, return_features=True)
-            else:
-                student_scores, student_norms = self.student(crops)
-        out = self.loss_fn(
-            student_scores,
-            teacher_scores,
-            self.cfg.loss.student_temp,
-            values.teacher_temp,
-            student_norms,
-            teacher_norms,
-            update_center=False,
-        )
+        masks = self.masks(crops, step)
+        out, student = self._loss(crops, masks, values)
         loss = out.loss
-        koleo = None
+        parts = {"loss": loss.detach()}
+        koleo_weight = self.cfg.loss.koleo_weight
         if koleo_weight > 0:  # DINOv2: on the student's global-crop features, summed over crops
-            koleo = sum(koleo_loss(f) for f in features[: self.num_global])
+            koleo = sum(koleo_loss(f) for f in student.features[: self.num_global])
             loss = loss + koleo_weight * koleo
-        parts = [loss.detach()] if koleo is None else [loss.detach(), out.loss.detach(), koleo.detach()]
-        means = global_mean(torch.stack(parts)).tolist()  # one all-reduce; every worker sees a NaN anywhere
-        loss_value = means[0]
-        if not math.isfinite(loss_value):  # nothing changed yet: weights, optimiser and center as before the step
-            raise NonFiniteLossError(step, loss_value)
+            parts.update(loss=loss.detach(), dino_loss=out.loss.detach(), koleo=koleo.detach())
+        if masks is not None:
+            parts.update(cls_loss=out.cls_loss, patch_loss=out.patch_loss)
+        # one all-reduce; every worker sees a NaN anywhere
+        means = dict(zip(parts, global_mean(torch.stack(list(parts.values()))).tolist()))
+        if not math.isfinite(means["loss"]):  # nothing changed yet: weights, optimiser and center as before the step
+            raise NonFiniteLossError(step, means["loss"])
         self.loss_fn.commit_center()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -209,7 +247,7 @@ class DINOStep:
         self.optimizer.step()
         ema_update(self.teacher, self.student_module, values.teacher_momentum)
         metrics = {
-            "loss": loss_value,
+            **means,
             "lr": values.lr,
             "weight_decay": values.weight_decay,
             "teacher_momentum": values.teacher_momentum,
@@ -220,6 +258,8 @@ class DINOStep:
         }
         if out.center_norm is not None:
             metrics["center_norm"] = out.center_norm.item()
-        if koleo is not None:
-            metrics["dino_loss"], metrics["koleo"] = means[1], means[2]
+        if masks is not None:
+            metrics["teacher_patch_temp"] = values.teacher_patch_temp
+            metrics["patch_teacher_entropy"] = out.patch_teacher_entropy.item()
+            metrics["masked_share"] = float(torch.cat(masks).float().mean())
         return metrics

@@ -56,7 +56,7 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     os.environ.update(env)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as exc:  # connection errors, HTTP errors, bad URIs all mean the same to the user
+    except Exception as exc:  # noqa: BLE001 - connection errors, HTTP errors, bad URIs all mean the same to the user
         raise TrackingError(
             f"MLflow tracking server at {uri} is unreachable ({type(exc).__name__}: {str(exc)[:300]}). "
             "Start one with `mlflow server --host 127.0.0.1 --port 5000`, or point tracking.uri / "

@@ -39,7 +39,7 @@ def test_overrides_and_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("loss.vmff=true", "unknown key 'loss.vmff'; valid keys in loss: vmf, student_temp"),
+        ("loss.vmff=true", "unknown key 'loss.vmff'; valid keys in loss: method, vmf, student_temp"),
         ("los.vmf=true", "unknown key 'los'"),
         ("loss.student_temp=0", r"loss.student_temp: .*greater than 0 .*allowed: 0.0 < value <= 1.0"),
         ("loss.center_momentum=1.5", r"loss.center_momentum: .*allowed: 0.0 <= value < 1.0"),
@@ -50,6 +50,14 @@ def test_overrides_and_yaml(tmp_path):
         ("data.source=imagefolder", "data.source='imagefolder' needs data.path"),
         ("loss.vmf", "not of the form section.key=value"),
         ("loss.vmf.x=1", "'vmf' is a value, not a section"),
+        ("data.batch_size_per_worker=-4", r"data.batch_size_per_worker: .*allowed: 1 <= value"),
+        ("data.crops.local_size=-8", r"data.crops.local_size: .*allowed: 8 <= value <= 4096"),
+        ("data.crops.local_number=100", r"data.crops.local_number: .*allowed: 0 <= value <= 64"),
+        ("data.crops.local_size=64", "local_size=64 exceeds data.crops.global_size=16"),
+        ("data.source=webdataset", "data.source: .*allowed: one of digits, fashion_mnist, imagefolder, images"),
+        ("optim.nonfinite_loss=ignore", "optim.nonfinite_loss: .*allowed: one of stop, skip"),
+        ("checkpoint.max_failures=-2", r"checkpoint.max_failures: .*allowed: -1 <= value"),
+        ("scaling.placement_strategy=RANDOM", "scaling.placement_strategy: .*one of PACK, SPREAD"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -72,7 +80,8 @@ def test_flat_roundtrip_and_yaml():
     cfg = load_config()
     flat = cfg.flat()
     assert flat["loss.vmf"] is True and flat["model.kwargs"]["patch_size"] == 4
-    assert load_config(overrides=[f"{k}={v}" for k, v in flat.items() if k.startswith("loss.")]) == cfg
+    overrides = [f"{k}={'null' if v is None else v}" for k, v in flat.items() if k.startswith("loss.")]
+    assert load_config(overrides=overrides) == cfg
     assert "bottleneck_dim: 64" in cfg.to_yaml()
 
 

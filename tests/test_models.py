@@ -46,11 +46,12 @@ def test_multicrop_forward_through_a_real_timm_vit():
     calls = []
     student.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(4)]
-    scores, norms = student(crops)
+    out = student(crops)
+    scores, norms = out.scores, out.norms
     assert [s.shape for s in scores] == [(3, 64)] * 6
     assert norms.shape == (64,)
     assert calls == [(6, 3, 32, 32), (12, 3, 16, 16)]  # equal sizes batched together
-    teacher_scores, _ = teacher(crops[:2])
+    teacher_scores = teacher(crops[:2]).scores
     assert len(teacher_scores) == 2
 
 
@@ -106,7 +107,7 @@ def test_unknown_backbone_is_named():
 def test_multicrop_network_is_a_module_pair():
     backbone = create_backbone("vit_tiny_patch16_224", 32, **TINY)
     net = MultiCropNetwork(backbone, DINOHead(backbone.num_features, **HEAD))
-    assert net([torch.randn(1, 3, 32, 32)] * 3)[0][0].shape == (1, 64)
+    assert net([torch.randn(1, 3, 32, 32)] * 3).scores[0].shape == (1, 64)
 
 
 def test_vmf_logits_of_head_scores_add_the_log_normaliser_per_prototype():

@@ -224,3 +224,27 @@ def test_stream_has_spare_passes_for_skipped_files():
     for epochs in (1, 2, 6, 7, 8, 50, 100, 1000):
         assert stream_passes(epochs) > epochs
         assert 0.9 * stream_passes(epochs) >= epochs  # 10% of the files may turn out undecodable
+
+
+@pytest.mark.timeout(300)
+def test_nan_skip_policy_stops_after_n_in_a_row(ray_session, tmp_path):
+    from raydino.train.driver import PretrainError
+
+    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=nan-skip", "eval.every_epochs=0",
+               "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, init_values: 1.0e+30}",
+               f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.max_failures=0",
+               "optim.nonfinite_loss=skip", "optim.max_nonfinite_in_a_row=3")
+    # NaN at every step: steps 0 and 1 are skipped, the third in a row stops the run
+    with pytest.raises(PretrainError, match=r"loss is nan at step 2.*3 non-finite losses in a row.*3 skipped in all"):
+        pretrain(cfg, log=lambda _: None)
+
+
+@pytest.mark.timeout(300)
+def test_resuming_with_another_architecture_names_the_mismatch(trained):
+    from raydino.train.driver import PretrainError
+
+    tmp_path, _ = trained
+    cfg = _cfg(tmp_path, "optim.epochs=3", "tracking.run_name=e2e", "tracking.experiment=e2e",
+               f"checkpoint.storage_path={tmp_path / 'runs'}", "head.num_prototypes=32", "checkpoint.max_failures=0")
+    with pytest.raises(PretrainError, match=r"(?s)does not fit this configuration.*another model, head or centering"):
+        pretrain(cfg, log=lambda _: None)

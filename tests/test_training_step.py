@@ -92,9 +92,10 @@ def test_bf16_autocast_outputs_are_scored_in_float32():
     cfg, student, teacher, _ = _setup("loss.vmf=true", "head.norm_last_layer=false")
     crops = _random_crops()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        student_scores, student_norms = student(crops)
+        s_out = student(crops)
         with torch.no_grad():
-            teacher_scores, teacher_norms = teacher(crops[:2])
+            t_out = teacher(crops[:2])
+    student_scores, student_norms, teacher_scores, teacher_norms = s_out.scores, s_out.norms, t_out.scores, t_out.norms
     assert all(s.dtype == torch.bfloat16 for s in student_scores), "autocast must reach the head for this test to mean"
     out = build_loss(cfg)(student_scores, teacher_scores, 0.1, 0.04, student_norms, teacher_norms)
     assert out.loss.dtype == torch.float32

@@ -23,12 +23,27 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use
     return nn.Sequential(*layers)
 
 
+def _prototypes(bottleneck_dim: int, num_prototypes: int, norm_last_layer: bool) -> nn.Module:
+    """A weight-normalised linear layer without bias: w_k = g_k v_k / ||v_k||, g frozen at 1 or learned."""
+    layer = weight_norm(nn.Linear(bottleneck_dim, num_prototypes, bias=False))
+    nn.init.trunc_normal_(layer.parametrizations.weight.original1, std=0.02)
+    gain = layer.parametrizations.weight.original0
+    with torch.no_grad():
+        gain.fill_(1.0)
+    gain.requires_grad_(not norm_last_layer)
+    return layer
+
+
 class DINOHead(nn.Module):
     """MLP (in -> hidden -> ... -> bottleneck), L2-normalise, then K prototypes w_k = g_k v_k / ||v_k||.
 
     ``norm_last_layer=True`` freezes every g_k at 1 (unit-norm prototypes, DINO's default);
     otherwise the norms are learned, and with DINO-vMF they are the vMF precisions
     kappa_k = g_k / tau. The forward pass returns raw scores z_k = w_k . y.
+
+    iBOT scores patch tokens with the same MLP and, by default, the same prototypes
+    (``patch_prototypes="shared"``); ``"separate"`` gives the patches their own
+    ``num_patch_prototypes`` prototypes (iBOT's ``shared_head=False``).
     """
 
     def __init__(
@@ -40,6 +55,8 @@ class DINOHead(nn.Module):
         num_layers: int = 3,
         use_bn: bool = False,
         norm_last_layer: bool = True,
+        patch_prototypes: str = "shared",
+        num_patch_prototypes: int | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -48,12 +65,14 @@ class DINOHead(nn.Module):
         self.num_prototypes = num_prototypes
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, use_bn)
         self.mlp.apply(self._init_weights)
-        last_layer = nn.Linear(bottleneck_dim, num_prototypes, bias=False)
-        nn.init.trunc_normal_(last_layer.weight, std=0.02)
-        self.last_layer = weight_norm(last_layer)
-        with torch.no_grad():
-            self.prototype_gain.fill_(1.0)
-        self.prototype_gain.requires_grad_(not norm_last_layer)
+        self.last_layer = _prototypes(bottleneck_dim, num_prototypes, norm_last_layer)
+        if patch_prototypes not in ("shared", "separate"):
+            raise ValueError(f"head.patch_prototypes must be 'shared' or 'separate', got {patch_prototypes!r}")
+        self.patch_last_layer = (
+            _prototypes(bottleneck_dim, num_patch_prototypes or num_prototypes, norm_last_layer)
+            if patch_prototypes == "separate"
+            else None
+        )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -77,3 +96,14 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(self.embed(x))
+
+    def patch_scores(self, tokens: Tensor) -> Tensor:
+        """Scores of patch tokens (..., D) against the patch prototypes."""
+        layer = self.patch_last_layer if self.patch_last_layer is not None else self.last_layer
+        return layer(self.embed(tokens))
+
+    def patch_prototype_norms(self) -> Tensor:
+        """||w_k|| of the prototypes patch tokens are scored against."""
+        if self.patch_last_layer is None:
+            return self.prototype_norms()
+        return self.patch_last_layer.parametrizations.weight.original0.squeeze(1).abs()

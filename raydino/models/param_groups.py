@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 LAST_LAYER_PREFIX = "head.last_layer."
+PATCH_LAST_LAYER_PREFIX = "head.patch_last_layer."  # iBOT's separate patch prototypes, frozen alike
 PROTOTYPE_GAIN_SUFFIX = "parametrizations.weight.original0"
 
 
@@ -28,7 +29,7 @@ def param_groups(model: nn.Module, decay_prototype_norms: bool = True) -> list[d
             continue
         is_gain = name.endswith(PROTOTYPE_GAIN_SUFFIX)
         decay = decay_prototype_norms if is_gain else not (name.endswith(".bias") or param.ndim <= 1)
-        last = name.startswith(LAST_LAYER_PREFIX)
+        last = name.startswith((LAST_LAYER_PREFIX, PATCH_LAST_LAYER_PREFIX))
         groups.setdefault((decay, last), []).append(param)
     return [
         {"params": params, "apply_weight_decay": decay, "is_last_layer": last}
