@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/raydino pretrain
 
 test: $(STAMP)
+	$(BIN)/ruff check raydino sweeps tests benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

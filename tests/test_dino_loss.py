@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from raydino.models import DINOHead
-from raydino.registry import CENTERING_MODES
 from raydino.objectives import DINOLoss, vmf_logits
 from raydino.objectives.dino import scaled_logits
 from raydino.objectives.vmf import vmf_correction
+from raydino.registry import CENTERING_MODES
 from tests.reference import ReferenceDINO
 
 K, P, B = 12, 32, 5

@@ -59,8 +59,7 @@ def test_training_step_adds_the_weighted_term_and_its_gradient():
     assert metrics["loss"] == pytest.approx(metrics["dino_loss"] + 0.5 * metrics["koleo"], rel=1e-5)
     assert metrics["dino_loss"] == pytest.approx(dino_only, rel=1e-5)  # same weights, same crops
     assert not torch.allclose(grads[0.0], grads[0.5])  # the term reaches the backbone's gradient
-    out = student(crops[:2], return_features=True)
-    scores, norms, features = out.scores, out.norms, out.features
+    features = student(crops[:2], return_features=True).features
     assert len(features) == 2 and features[0].shape == (6, student.backbone.num_features)
 
 

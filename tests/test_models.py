@@ -6,8 +6,8 @@ import torch
 from raydino.models import DINOHead, build_student_teacher, create_backbone, ema_update, param_groups
 from raydino.models.network import MultiCropNetwork
 
-TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
-HEAD = dict(num_prototypes=64, hidden_dim=48, bottleneck_dim=16)
+TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+HEAD = {"num_prototypes": 64, "hidden_dim": 48, "bottleneck_dim": 16}
 
 
 def _pair(norm_last_layer=False):

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -26,11 +27,11 @@ def test_endpoints():
 def test_monotonicity():
     values = [S.at(s, TOTAL) for s in range(TOTAL + 1)]
     lrs = [v.lr for v in values]
-    assert all(a <= b for a, b in zip(lrs[:200], lrs[1:201]))
-    assert all(a >= b for a, b in zip(lrs[200:], lrs[201:]))
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:201]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[200:]))
     for attr in ("weight_decay", "teacher_momentum", "teacher_temp"):
         seq = [getattr(v, attr) for v in values]
-        assert all(a <= b for a, b in zip(seq, seq[1:])), attr
+        assert all(a <= b for a, b in itertools.pairwise(seq)), attr
 
 
 def test_last_layer_frozen_for_first_epoch():
