@@ -7,7 +7,6 @@ mean, standard deviation and count of each metric; writes one bar plot per metri
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from raydino.tables import format_cell, markdown_table, metric_column
 from raydino.tracking import search_runs
 
 DEFAULT_METRICS = ("final_knn_top1", "final_linear_probe_top1", "final_prototypes_in_use", "teacher_entropy")
@@ -36,7 +36,8 @@ def compare_runs(
 ) -> Comparison:
     runs = pd.DataFrame(search_runs(uri, experiment, parent_run_id))
     if runs.empty:
-        raise ValueError(f"experiment {experiment!r} has no runs" + (f" under parent {parent_run_id}" if parent_run_id else ""))
+        under = f" under parent {parent_run_id}" if parent_run_id else ""
+        raise ValueError(f"experiment {experiment!r} has no runs{under}")
     missing = [k for k in group_by if f"params.{k}" not in runs]
     if missing:
         known = sorted(c.removeprefix("params.") for c in runs if c.startswith("params."))
@@ -48,7 +49,7 @@ def compare_runs(
     runs[keys] = runs[keys].fillna("-")
     table = runs.groupby(keys, sort=True).size().rename("runs").to_frame()
     for m in metrics:
-        by_group = pd.to_numeric(runs[f"metrics.{m}"], errors="coerce").groupby([runs[k] for k in keys])
+        by_group = metric_column(runs, m).groupby([runs[k] for k in keys])
         table[f"{m} mean"] = by_group.mean()
         table[f"{m} std"] = by_group.std(ddof=1)
     table = table.reset_index()
@@ -56,18 +57,9 @@ def compare_runs(
     return Comparison(table, [k.removeprefix("params.") for k in keys], metrics)
 
 
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
 def to_markdown(comparison: Comparison) -> str:
     cols = list(comparison.table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in comparison.table.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, ([format_cell(row[c], ".4g") for c in cols] for _, row in comparison.table.iterrows()))
 
 
 def to_csv(comparison: Comparison) -> str:

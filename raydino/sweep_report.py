@@ -9,19 +9,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from raydino.eval.plots import plot_arm_values, plot_kappa_histogram, plot_usage_curves
 from raydino.pretrain import PROTOTYPE_ARRAYS
+from raydino.tables import format_cell, markdown_table, metric_column
 from raydino.tracking import RunLogger, search_runs
-
-if TYPE_CHECKING:
-    from raydino.sweep import SweepResult, SweepSpec
 
 COLLAPSE_NATS = 0.1  # below this, targets are (nearly) the same for every sample
 
@@ -37,11 +34,6 @@ def is_collapsed(teacher_entropy: float, mean_target_entropy: float, prototypes_
     if math.isnan(teacher_entropy) or math.isnan(mean_target_entropy):
         return False
     return mean_target_entropy - teacher_entropy < COLLAPSE_NATS or mean_target_entropy < COLLAPSE_NATS
-
-
-def _metric(runs: pd.DataFrame, name: str) -> pd.Series:
-    column = f"metrics.{name}"
-    return pd.to_numeric(runs[column], errors="coerce") if column in runs else pd.Series(np.nan, index=runs.index)
 
 
 def child_runs(uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
@@ -72,14 +64,14 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     if not keys:  # no arm keys (a seed-only sweep): one row for everything
         runs["arm"] = "all"
         keys = ["arm"]
-    runs["knn"] = _metric(runs, "final_knn_top1")
-    runs["probe"] = _metric(runs, "final_linear_probe_top1")
-    runs["prototypes"] = _metric(runs, "final_prototypes_in_use")
-    runs["kappa_q50"] = _metric(runs, "final_kappa_teacher_q50")
-    runs["kappa_q05"] = _metric(runs, "final_kappa_teacher_q05")
-    runs["kappa_q95"] = _metric(runs, "final_kappa_teacher_q95")
-    runs["entropy"] = _metric(runs, "teacher_entropy")
-    runs["mean_target_entropy"] = _metric(runs, "mean_target_entropy")
+    runs["knn"] = metric_column(runs, "final_knn_top1")
+    runs["probe"] = metric_column(runs, "final_linear_probe_top1")
+    runs["prototypes"] = metric_column(runs, "final_prototypes_in_use")
+    runs["kappa_q50"] = metric_column(runs, "final_kappa_teacher_q50")
+    runs["kappa_q05"] = metric_column(runs, "final_kappa_teacher_q05")
+    runs["kappa_q95"] = metric_column(runs, "final_kappa_teacher_q95")
+    runs["entropy"] = metric_column(runs, "teacher_entropy")
+    runs["mean_target_entropy"] = metric_column(runs, "mean_target_entropy")
     runs["collapsed"] = [
         is_collapsed(h, hm, k) for h, hm, k in zip(runs["entropy"], runs["mean_target_entropy"], runs["prototypes"])
     ]
@@ -107,32 +99,25 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(value: object, digits: int = 1) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
     arm_keys = list(arm_keys) or ["arm"]
     header = [*arm_keys, "seeds", "kNN top-1", "linear probe", "prototypes in use", "kappa median [90% range]",
               "teacher entropy", "collapsed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    rows = []
     for _, r in table.iterrows():
         seeds = f"{r['finished']}/{r['trials']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         seeds += f" ({r['stopped']} stopped)" if r["stopped"] else ""
-        cells = [
+        rows.append([
             *(str(r[k]) for k in arm_keys),
             seeds,
-            f"{_cell(r['knn_top1_mean'])} ± {_cell(r['knn_top1_std'])}",
-            _cell(r["linear_probe_top1"]),
-            _cell(r["prototypes_in_use"], 0),
-            f"{_cell(r['kappa_median'])} [{_cell(r['kappa_q05'])}, {_cell(r['kappa_q95'])}]",
-            _cell(r["teacher_entropy"], 2),
+            f"{format_cell(r['knn_top1_mean'])} ± {format_cell(r['knn_top1_std'])}",
+            format_cell(r["linear_probe_top1"]),
+            format_cell(r["prototypes_in_use"], ".0f"),
+            f"{format_cell(r['kappa_median'])} [{format_cell(r['kappa_q05'])}, {format_cell(r['kappa_q95'])}]",
+            format_cell(r["teacher_entropy"], ".2f"),
             str(r["collapsed"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        ])
+    return markdown_table(header, rows)
 
 
 def _arm_name(row: pd.Series, arm_keys: Sequence[str]) -> str:
@@ -163,7 +148,7 @@ def write_report(
             knn.setdefault(arm, []).append(float(pd.to_numeric(run.get("metrics.final_knn_top1"), errors="coerce")))
             try:
                 path = RunLogger(uri, run["run_id"]).download_artifact(PROTOTYPE_ARRAYS, Path(tmp) / run["run_id"])
-            except Exception:  # noqa: BLE001 - a run without arrays (e.g. no eval data) just has no curve
+            except Exception:  # noqa: BLE001, S112 - a run without arrays (e.g. no eval data) just has no curve
                 continue
             with np.load(path) as arrays:
                 if "kappa_teacher" in arrays:
@@ -176,34 +161,6 @@ def write_report(
         pooled = {arm: np.concatenate(v) for arm, v in kappas.items()}
         files.append(plot_kappa_histogram(pooled, out / "kappa_histograms.png"))
     if usages:
-        files.append(plot_usage_curves({arm: np.mean(v, axis=0) for arm, v in usages.items()}, out / "prototype_usage.png"))
+        mean_usage = {arm: np.mean(v, axis=0) for arm, v in usages.items()}
+        files.append(plot_usage_curves(mean_usage, out / "prototype_usage.png"))
     return markdown, files
-
-
-def run_and_report(
-    spec: SweepSpec, arm_keys: Sequence[str], out_dir: str | os.PathLike[str], log: Callable[[str], None] = print
-) -> tuple[SweepResult, str]:
-    """Run a sweep, write its per-arm report to ``out_dir`` and onto the parent run, print the
-    table and what failed. Returns (SweepResult, markdown)."""
-    from raydino.sweep import run_sweep
-
-    holder: dict[str, str] = {}
-
-    def report(result: SweepResult) -> list[Path]:
-        markdown, files = write_report(result.tracking_uri, result.experiment, result.parent_run_id, arm_keys, out_dir)
-        holder["markdown"] = markdown
-        return files
-
-    result = run_sweep(spec, log=log, report=report)
-    log("")
-    log(holder.get("markdown", "(no table)"))
-    log("")
-    for trial in result.trials:
-        if trial.status == "FAILED":
-            log(f"FAILED trial {trial.trial_id} ({trial.attempts} attempts) {trial.overrides}:\n  {trial.error}")
-    log(
-        f"{result.count('FINISHED')} finished, {result.count('KILLED')} stopped early, {result.count('FAILED')} failed "
-        f"in {result.seconds / 60:.1f} min; report in {Path(out_dir).resolve()}; MLflow parent run "
-        f"{result.parent_run_id} (experiment {result.experiment!r}) in {result.tracking_uri}"
-    )
-    return result, holder.get("markdown", "")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python sweeps/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-from raydino.config import PRESETS, Config, ConfigError, load_config  # noqa: E402
+from raydino.config import PRESETS, Config, ConfigError, load_config
+from raydino.registry import DATA_SOURCES
+
+if TYPE_CHECKING:
+    from raydino.sweep import SweepResult
 
 # cpu_demo trials train on one core each (1 worker, 1 thread): two at once use a 2-core machine;
 # other presets take what the cluster fits
@@ -37,9 +43,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) ->
                         help="base settings (default cpu_demo: a tiny ViT on one CPU machine)")
     parser.add_argument("--config", help="YAML file of config sections applied over the preset")
     parser.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on")
-    parser.add_argument("--source", choices=["digits", "fashion_mnist"],
+    parser.add_argument("--source", choices=[name for name, info in DATA_SOURCES.items() if info.embedded],
                         help="an embedded dataset instead (fashion_mnist needs the Debian package)")
-    parser.add_argument("--seeds", type=_positive, default=default_seeds, help=f"seeds per arm (default {default_seeds})")
+    parser.add_argument("--seeds", type=_positive, default=default_seeds,
+                        help=f"seeds per arm (default {default_seeds})")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: the budget of the preset)")
     parser.add_argument("--name", help="sweep name: the MLflow parent run and the storage folder")
     parser.add_argument("--out", help="directory for the table and plots (default: sweep_reports/<name>)")
@@ -72,8 +79,7 @@ def base_config(args: argparse.Namespace, budget: dict[str, list[str]], experime
 def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, space: dict[str, Any],
                          arm_keys: list[str], asha: Any = None) -> int:
     """Run the sweep on Tune, print and save its per-arm report; exit status 1 if no trial finished."""
-    from raydino.sweep import SweepSpec
-    from raydino.sweep_report import run_and_report
+    from raydino.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec(
         name=name,
@@ -85,17 +91,53 @@ def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, spac
         max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
         storage_path=args.storage,
     )
-    result, _ = run_and_report(spec, arm_keys, args.out or f"sweep_reports/{name}")
+    result = run_sweep(spec)
+    report_sweep(result, arm_keys, args.out or f"sweep_reports/{name}")
     return 1 if result.count("FINISHED") == 0 else 0
+
+
+def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.PathLike[str],
+                 log: Callable[[str], None] = print) -> str:
+    """Write the per-arm table and plots to ``out_dir`` and onto the (ended) parent run, then
+    print the table and what failed; returns the markdown table ("" if the report failed).
+
+    A failing report must not hide the trials' outcomes: it is logged, tagged on the parent
+    run (``raydino.report_error``), and the outcomes are printed all the same.
+    """
+    from raydino.sweep_report import write_report
+    from raydino.tracking import RunLogger
+
+    parent = RunLogger(result.tracking_uri, result.parent_run_id)
+    markdown = ""
+    try:
+        markdown, files = write_report(result.tracking_uri, result.experiment, result.parent_run_id, arm_keys, out_dir)
+        for path in files:
+            parent.log_artifact(path, "sweep")
+    except Exception as exc:  # noqa: BLE001 - the trials' outcome must still reach the user
+        log(f"sweep: the report failed ({type(exc).__name__}: {exc}); trial outcomes follow")
+        parent.set_tags({"raydino.report_error": str(exc)[:500]})
+    log("")
+    log(markdown or "(no table)")
+    log("")
+    for trial in result.trials:
+        if trial.status == "FAILED":
+            log(f"FAILED trial {trial.trial_id} ({trial.attempts} attempts) {trial.overrides}:\n  {trial.error}")
+    log(
+        f"{result.count('FINISHED')} finished, {result.count('KILLED')} stopped early, {result.count('FAILED')} failed "
+        f"in {result.seconds / 60:.1f} min; report in {Path(out_dir).resolve()}; MLflow parent run "
+        f"{result.parent_run_id} (experiment {result.experiment!r}) in {result.tracking_uri}"
+    )
+    return markdown
 
 
 def run_cli(main: Any) -> int:
     """Run a script's ``main`` and turn the errors a user can fix (config, data path, tracking
-    store) into one line instead of a traceback."""
+    store, checkpoint storage) into one line instead of a traceback."""
+    from raydino.storage import StorageError
     from raydino.tracking import TrackingError
 
     try:
         return main()
-    except (ConfigError, TrackingError, FileNotFoundError) as exc:
+    except (ConfigError, TrackingError, StorageError, FileNotFoundError) as exc:
         print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The kappa ablation of DINO-vMF (ICLR 2023) as a Ray Tune sweep tracked in MLflow.
 
-Arms: method {DINO, DINO-vMF} x prototypes {normalised, unnormalised} x centering
-{logit, probability}, optionally x teacher temperature, each over several seeds. At the
+Arms: method {DINO, DINO-vMF} (or with --methods also iBOT, iBOT-vMF) x prototypes
+{normalised, unnormalised} x centering {logit, probability}, optionally x teacher
+temperature, each over several seeds. At the
 end it prints one row per arm (kNN top-1 mean and std over seeds, linear probe, prototypes
 in use, teacher kappa median and 90% range, final teacher entropy, collapse flag) and
 writes the table and plots to disk and onto the MLflow parent run.
@@ -26,7 +27,9 @@ from typing import Any
 
 from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
 
-METHODS = {"dino": False, "dino-vmf": True}
+from raydino.config import METHODS, ConfigError
+from raydino.registry import CENTERING_MODES
+
 PROTOTYPES = {"normalised": True, "unnormalised": False}
 ARM_KEYS = ["loss.vmf", "head.norm_last_layer", "loss.centering"]
 BUDGET = {  # per preset: what fits the default machine; the user's --epochs / overrides win
@@ -43,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data /data/imagenet/train --seeds 3 --teacher-temps 0.04 0.07",
     )
     add_common_arguments(parser, default_seeds=2)
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["dino", "dino-vmf"],
+                        help="dino, dino-vmf, ibot, ibot-vmf (default: dino dino-vmf); more than one family "
+                        "(dino, ibot) must come with and without vMF alike, as the arms are a grid")
     parser.add_argument("--prototypes", nargs="+", choices=sorted(PROTOTYPES), default=list(PROTOTYPES))
-    parser.add_argument("--centerings", nargs="+", choices=["logit", "probability", "sinkhorn", "none"],
+    parser.add_argument("--centerings", nargs="+", choices=list(CENTERING_MODES),
                         default=["logit", "probability"])
     parser.add_argument("--teacher-temps", nargs="+", type=float, metavar="T",
                         help="also sweep the teacher temperature, e.g. 0.04 0.07")
@@ -54,12 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def ablation_space(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """The search space (grid keys -> values) and the keys that name an arm."""
+    families = sorted({METHODS[m]["loss.method"] for m in args.methods})
+    vmfs = sorted({METHODS[m]["loss.vmf"] for m in args.methods})
+    if len(families) * len(vmfs) != len(set(args.methods)):
+        raise ConfigError(
+            f"--methods {' '.join(args.methods)}: the arms are a grid of method family x vMF; give every "
+            f"combination of {', '.join(families)} with and without -vmf, or run the families separately"
+        )
     space: dict[str, Any] = {
-        "loss.vmf": [METHODS[m] for m in args.methods],
+        "loss.method": families,
+        "loss.vmf": vmfs,
         "head.norm_last_layer": [PROTOTYPES[p] for p in args.prototypes],
         "loss.centering": list(args.centerings),
     }
-    arm_keys = list(ARM_KEYS)
+    arm_keys = (["loss.method"] if len(families) > 1 else []) + list(ARM_KEYS)
     if args.teacher_temps:
         space["loss.teacher_temp"] = list(args.teacher_temps)
         arm_keys.append("loss.teacher_temp")

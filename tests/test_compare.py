@@ -48,7 +48,8 @@ def test_without_parent_includes_every_run(store):
 
 def test_plots_and_cli(store, tmp_path, capsys):
     uri, parent = store
-    paths = write_plots(compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1", "teacher_entropy"], parent), tmp_path / "p")
+    comparison = compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1", "teacher_entropy"], parent)
+    paths = write_plots(comparison, tmp_path / "p")
     assert [p.name for p in paths] == ["compare_final_knn_top1.png", "compare_teacher_entropy.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     code = main(["compare", "--experiment", "cmp", "--parent", parent, "--group-by", "loss.vmf", "--metric",

@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from ray import tune
 
 from raydino.config import ConfigError, load_config, with_overrides
 from raydino.sweep import (
     Asha,
+    SweepResult,
     SweepSpec,
-    _close_children,
+    TrialOutcome,
     absolute_paths,
     derive_max_concurrent,
-    parse_space,
     run_sweep,
     validate_space,
 )
+from raydino.sweep.bookkeeping import close_children
 from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
 
@@ -68,17 +68,6 @@ def test_with_overrides_sets_typed_values_and_validates():
         with_overrides(base, {"loss.teacher_temp": -1.0})
 
 
-def test_parse_space_grid_random_and_fixed():
-    space = parse_space(["loss.vmf=[false, true]", "optim.base_lr=loguniform(1e-4, 1e-3)",
-                         "loss.centering=choice([logit, probability])", "seed=7"])
-    assert space["loss.vmf"] == [False, True] and space["seed"] == 7
-    assert isinstance(space["optim.base_lr"], tune.search.sample.Float)
-    assert 1e-4 <= space["optim.base_lr"].sample() <= 1e-3
-    assert space["loss.centering"].sample() in ("logit", "probability")
-    with pytest.raises(ConfigError, match="key="):
-        parse_space(["loss.vmf"])
-
-
 def test_validate_space_names_the_bad_point():
     base = load_config()
     with pytest.raises(ConfigError, match=r"loss.centering.*allowed: one of"):
@@ -122,10 +111,10 @@ def test_runs_left_open_are_closed_as_killed(tmp_path):
     parent = create_run(uri, "s", "parent", {})
     open_child, done_child = (create_run(uri, "s", f"c{i}", {}, parent_run_id=parent) for i in range(2))
     RunLogger(uri, done_child).end("FINISHED")
-    assert _close_children(uri, "s", parent, log=lambda _: None)
+    assert close_children(uri, "s", parent, log=lambda _: None)
     assert RunLogger(uri, open_child).status() == "KILLED" and RunLogger(uri, done_child).status() == "FINISHED"
     assert RunLogger(uri, parent).status() == "RUNNING"  # the parent is not its own child
-    assert not _close_children(uri, "s", parent, log=lambda _: None)
+    assert not close_children(uri, "s", parent, log=lambda _: None)
 
 
 def test_a_dying_trial_does_not_overwrite_the_drivers_verdict(tmp_path):
@@ -163,6 +152,20 @@ def test_kappa_ablation_arguments_and_arms():
     with pytest.raises(SystemExit):
         ablation.build_parser().parse_args(["--centerings", "median"])
 
+    # the iBOT arms: a method family key joins the arms when both families are asked for
+    args = ablation.build_parser().parse_args(["--methods", "dino", "dino-vmf", "ibot", "ibot-vmf"])
+    space, arm_keys = ablation.ablation_space(args)
+    assert arm_keys[0] == "loss.method" and space["loss.method"] == ["dino", "ibot"]
+    arms = ablation.arms(space, arm_keys)
+    assert len(arms) == 16 and {"loss.method": "ibot", "loss.vmf": True, "head.norm_last_layer": False,
+                                "loss.centering": "probability"} in arms
+    base = ablation.base_config(args, ablation.BUDGET, "kappa_ablation")
+    assert len(validate_space(SweepSpec("k", base, space, arm_keys=arm_keys))) == 16 * 2  # every point validates
+    only_ibot = ablation.ablation_space(ablation.build_parser().parse_args(["--methods", "ibot-vmf"]))[0]
+    assert only_ibot["loss.method"] == ["ibot"] and only_ibot["loss.vmf"] == [True]
+    with pytest.raises(ConfigError, match="grid of method family x vMF"):
+        ablation.ablation_space(ablation.build_parser().parse_args(["--methods", "dino", "ibot-vmf"]))
+
 
 def test_temperature_sweep_arguments(capsys):
     sweep = _script("temperature_sweep")
@@ -186,7 +189,8 @@ def test_collapse_flag():
     assert not is_collapsed(0.5, 5.0, prototypes_in_use=2)
 
 
-def test_arm_table_and_report_from_mlflow(tmp_path):
+def _ablation_store(tmp_path: Path) -> tuple[str, str]:
+    """A parent run with two arms of child runs (one FAILED), as a sweep leaves them."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent = create_run(uri, "abl", "parent", {})
     runs = {  # (vmf, centering) -> per seed: (status, knn, teacher entropy, mean-target entropy)
@@ -208,6 +212,11 @@ def test_arm_table_and_report_from_mlflow(tmp_path):
                 np.savez(arrays, kappa_teacher=rng.gamma(2.0, 5.0, 64), usage=rng.dirichlet(np.ones(64)))
                 logger.log_artifact(arrays, "eval")
             logger.end(status)
+    return uri, parent
+
+
+def test_arm_table_and_report_from_mlflow(tmp_path):
+    uri, parent = _ablation_store(tmp_path)
     table = arm_table(child_runs(uri, "abl", parent), ["loss.vmf", "loss.centering"])
     rows = {(r["loss.vmf"], r["loss.centering"]): r for _, r in table.iterrows()}
     vmf, dino = rows[("True", "logit")], rows[("False", "logit")]
@@ -226,6 +235,37 @@ def test_arm_table_and_report_from_mlflow(tmp_path):
     assert sorted(f.name for f in files) == ["arms.csv", "arms.md", "kappa_histograms.png", "knn_per_arm.png",
                                              "prototype_usage.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files if f.suffix == ".png")
+
+
+def test_script_reports_onto_the_ended_parent_run_and_survives_a_failing_report(tmp_path, monkeypatch):
+    uri, parent = _ablation_store(tmp_path)
+    RunLogger(uri, parent).end("FINISHED")  # run_sweep ends the parent before the script writes the report
+    common = _script("_common")
+    failed = TrialOutcome("t2", {"loss.vmf": False}, "FAILED", 2, error="loss is nan at step 0")
+    result = SweepResult("abl", uri, "abl", parent, [failed], 2, 60.0)
+    arm_keys = ["loss.vmf", "loss.centering"]
+    lines: list[str] = []
+    markdown = common.report_sweep(result, arm_keys, tmp_path / "report", log=lines.append)
+
+    assert (tmp_path / "report" / "arms.md").read_text() == markdown + "\n" and markdown.startswith("| loss.vmf |")
+    client = MlflowClient(uri)
+    assert sorted(a.path for a in client.list_artifacts(parent, "sweep")) == [
+        "sweep/arms.csv", "sweep/arms.md", "sweep/kappa_histograms.png", "sweep/knn_per_arm.png",
+        "sweep/prototype_usage.png"]
+    assert lines[:3] == ["", markdown, ""]
+    assert lines[3] == "FAILED trial t2 (2 attempts) {'loss.vmf': False}:\n  loss is nan at step 0"
+    assert lines[4].startswith("0 finished, 0 stopped early, 1 failed in 1.0 min; report in ")
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    def broken_report(*_):
+        raise RuntimeError("plotting went wrong")
+
+    monkeypatch.setattr("raydino.sweep_report.write_report", broken_report)
+    lines.clear()
+    assert common.report_sweep(result, arm_keys, tmp_path / "again", log=lines.append) == ""
+    assert lines[0] == "sweep: the report failed (RuntimeError: plotting went wrong); trial outcomes follow"
+    assert lines[2] == "(no table)" and lines[4].startswith("FAILED trial t2")  # the outcomes are not lost
+    assert client.get_run(parent).data.tags["raydino.report_error"] == "plotting went wrong"
 
 
 # --- real sweeps on the shared Ray instance -----------------------------------------------
@@ -283,10 +323,7 @@ def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session,
     # LayerScale initialised at 1e30 makes the loss NaN at step 0: a trial that raises, every attempt
     spec = SweepSpec("fail", base, {"model.kwargs.init_values": [None, 1.0e30]}, trial_retries=1,
                      storage_path=tmp_path / "runs")
-    def broken_report(_):
-        raise RuntimeError("plotting went wrong")
-
-    result = run_sweep(spec, log=lambda _: None, report=broken_report)  # a failing report loses no outcome
+    result = run_sweep(spec, log=lambda _: None)
 
     by_init = {t.overrides["model.kwargs.init_values"]: t for t in result.trials}
     failed, ok = by_init[1.0e30], by_init[None]
@@ -299,7 +336,50 @@ def test_failing_trial_is_retried_then_reported_while_others_finish(ray_session,
     assert runs[ok.trial_id].info.status == "FINISHED" and "final_knn_top1" in runs[ok.trial_id].data.metrics
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["raydino.failed_trials"] == failed.trial_id
-    assert parent.data.tags["raydino.report_error"] == "plotting went wrong"
+
+
+@pytest.mark.timeout(400)
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(ray_session, tmp_path):
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = load_config(overrides=[*TINY, "optim.epochs=1", f"tracking.uri={uri}", "tracking.experiment=die",
+                                  "checkpoint.every_steps=5"])
+    spec = SweepSpec("die", base, {"seed": [0]}, trial_retries=1, worker_failures=0, storage_path=tmp_path / "runs")
+    killed: dict[str, object] = {}
+
+    def kill_the_worker_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for snapshot in (tmp_path / "runs" / "die" / "train").glob("*/checkpoint_manager_snapshot.json"):
+                try:
+                    committed = json.loads(snapshot.read_text())["checkpoint_results"]
+                except (ValueError, KeyError):
+                    continue
+                workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                           if a.class_name == "RayTrainWorker"]
+                if committed and workers:
+                    killed.update(pid=workers[0].pid, after=committed[-1]["checkpoint_dir_name"])
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_the_worker_after_a_checkpoint, daemon=True).start()
+    result = run_sweep(spec, log=lambda _: None)
+    assert killed, "the worker was never killed"
+    (trial,) = result.trials
+    assert trial.status == "FINISHED" and trial.attempts == 2  # Tune retried the trial once
+    client, (run,) = _children(uri, "die", result.parent_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raydino.attempts"] == "2"
+    steps = 1347 // 64
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(history) == list(range(3, steps + 1, 3))  # resumed at the checkpoint: one history
 
 
 def test_scripts_report_user_errors_in_one_line(capsys, monkeypatch):

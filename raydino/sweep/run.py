@@ -1,0 +1,149 @@
+"""``run_sweep``: one TorchTrainer per Tune trial, every trial a nested MLflow run.
+
+The driver creates the experiment and the parent run before any trial starts (concurrent
+creation races in sqlite); each trial creates its child run; the parent ends here, after
+every child has ended. The report (table, plots) is the caller's: it reads MLflow, so it
+can be written (and attached to the parent run) after the parent has ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.sample import Domain
+
+from raydino.plan import check_data_path
+from raydino.storage import join_storage, resolve_storage
+from raydino.sweep.bookkeeping import TrialBookkeeping, close_children
+from raydino.sweep.spec import (
+    SweepResult,
+    SweepSpec,
+    absolute_paths,
+    derive_max_concurrent,
+    trial_resources,
+    validate_space,
+)
+from raydino.sweep.trial import RUNG_EPOCH, run_trial
+from raydino.tracking import RunLogger, check_tracking, create_run, resolve_tracking_uri
+from raydino.train.driver import ensure_ray
+
+
+def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResult:
+    """Validate, create the parent run, run every trial on Tune, end every run; return outcomes.
+
+    Trial failures do not raise: they are retried ``spec.trial_retries`` times, then reported
+    in the result (status FAILED with the error) while the other trials go on. The parent run
+    ends FINISHED, or KILLED if the sweep was interrupted (FAILED if Tune itself raised).
+    """
+    started = time.perf_counter()
+    spec = dataclasses.replace(spec, base=absolute_paths(spec.base))
+    configs = validate_space(spec)
+    for cfg in configs:
+        check_data_path(cfg)
+    uri = resolve_tracking_uri(spec.base.tracking.uri)
+    check_tracking(uri)
+    experiment = spec.base.tracking.experiment
+    storage = resolve_storage(spec.storage_path or spec.base.checkpoint.storage_path)
+
+    largest = max(configs, key=lambda c: trial_resources(c, spec.trial_cpus)["CPU"])
+    # a Ray started here (no cluster to join) is sized for the requested number of trials at once
+    per_trial = trial_resources(largest, spec.trial_cpus)["CPU"]
+    ensure_ray(largest, extra_cpus=spec.trial_cpus + per_trial * ((spec.max_concurrent_trials or 1) - 1))
+    concurrency = spec.max_concurrent_trials or derive_max_concurrent(configs, spec.trial_cpus, ray.cluster_resources())
+
+    parent_run_id = create_run(uri, experiment, spec.name, _parent_params(spec, concurrency),
+                               {"raydino.sweep": spec.name, "raydino.role": "parent"})
+    parent = RunLogger(uri, parent_run_id)
+    expected = len(configs) * spec.num_samples
+    log(
+        f"sweep {spec.name!r}: {expected} trial(s), up to {concurrency} at a time; "
+        f"MLflow parent run {parent_run_id} in {uri}"
+    )
+
+    bookkeeping = TrialBookkeeping(uri, experiment, spec.name, log)
+    setup = {
+        "name": spec.name,
+        "base": spec.base.model_dump(mode="json"),
+        "uri": uri,
+        "parent_run_id": parent_run_id,
+        "arm_keys": spec.arms(),
+        "train_storage": join_storage(storage, spec.name, "train"),
+        "worker_failures": spec.worker_failures,
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": spec.trial_cpus})
+    scheduler = None
+    if spec.asha is not None:
+        scheduler = ASHAScheduler(
+            time_attr=RUNG_EPOCH,  # never reaches optim.epochs, so max_t never stops a trial
+            metric=spec.asha.metric,
+            mode=spec.asha.mode,
+            max_t=max(c.optim.epochs for c in configs),
+            grace_period=spec.asha.grace_period,
+            reduction_factor=spec.asha.reduction_factor,
+        )
+    overrides = {k: tune.grid_search(v) if isinstance(v, list) else v for k, v in spec.space.items()}
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"overrides": overrides},
+        tune_config=tune.TuneConfig(
+            num_samples=spec.num_samples,
+            scheduler=scheduler,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=spec.trial_retries),
+            callbacks=[bookkeeping],
+            verbose=0,
+        ),
+    )
+    try:
+        tuner.fit()
+    except BaseException:
+        close_children(uri, experiment, parent_run_id, log)
+        parent.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        raise
+    # Tune handles Ctrl-C itself and returns: trials it stopped got no callback, so close what is open
+    interrupted = close_children(uri, experiment, parent_run_id, log) or len(bookkeeping.outcomes) < expected
+    trials = sorted(bookkeeping.outcomes.values(), key=lambda t: t.trial_id)
+    result = SweepResult(spec.name, uri, experiment, parent_run_id, trials, concurrency, time.perf_counter() - started)
+    counts = {"trials_finished": "FINISHED", "trials_stopped": "KILLED", "trials_failed": "FAILED"}
+    parent.log_metrics({key: result.count(status) for key, status in counts.items()}, 0)
+    failed = ",".join(t.trial_id for t in trials if t.status == "FAILED")
+    parent.set_tags({"raydino.failed_trials": failed or "none", "raydino.trials_expected": str(expected)})
+    if interrupted:
+        log(f"sweep: interrupted with {len(trials)} of {expected} trials done; the parent run ends KILLED")
+    parent.end("KILLED" if interrupted else "FINISHED")
+    return result
+
+
+def _parent_params(spec: SweepSpec, concurrency: int) -> dict[str, Any]:
+    """The base config with the swept keys shown as swept (not as the base value), and the sweep's settings."""
+    params: dict[str, Any] = {
+        **spec.base.flat(),
+        "sweep.space": json.dumps({k: _describe(v) for k, v in spec.space.items()}),
+        "sweep.num_samples": spec.num_samples,
+        "sweep.asha": json.dumps(spec.asha.__dict__) if spec.asha else "off",
+        "sweep.trial_retries": spec.trial_retries,
+        "sweep.max_concurrent_trials": concurrency,
+    }
+    params.update({key: _describe(value) for key, value in spec.space.items()})
+    return params
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return "grid " + json.dumps(value)
+    if isinstance(value, Domain):
+        return repr(value)
+    return json.dumps(value) if not isinstance(value, str) else value

@@ -1,0 +1,84 @@
+"""One trial: the Tune function trainable that runs a whole tracked pretraining.
+
+The Ray 2.60 pattern (architecture.md): the trainable builds and fits a ``TorchTrainer``
+whose Train run is named after the trial id (so a retried trial resumes from its own
+checkpoint) and whose ``TuneReportCallback`` forwards the per-epoch reports (``knn_top1``,
+``epoch`` ...) to Tune, where ASHA can stop it early.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raydino.config import Config, with_overrides
+from raydino.pretrain import pretrain
+from raydino.sweep.spec import arm_label, arm_values
+from raydino.train.driver import quiet_ray_data
+
+FINAL_KEY = "raydino_final"  # present only in a trial's last report, after its final evaluation
+RUNG_EPOCH = "rung_epoch"  # ASHA's time attribute: completed epochs, absent from the last epoch's reports
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    """The trial's MLflow run name, which is how the driver finds the run again."""
+    return f"{sweep}-{trial_id}"
+
+
+def run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
+    """The Tune function trainable: one pretraining run (train, evaluate, export, track)."""
+    overrides: dict[str, Any] = config["overrides"]
+    quiet_ray_data()
+    base = Config.model_validate(setup["base"])
+    trial_id = tune.get_context().get_trial_id()
+    run_name = trial_run_name(setup["name"], trial_id)
+    cfg = with_overrides(base, {
+        **overrides,
+        "tracking.run_name": run_name,
+        "tracking.uri": setup["uri"],
+        "checkpoint.storage_path": setup["train_storage"],
+        "checkpoint.max_failures": setup["worker_failures"],
+    })
+    arm = arm_values(cfg, setup["arm_keys"])
+    tags = {
+        "raydino.sweep": setup["name"],
+        "raydino.trial_id": trial_id,
+        "raydino.arm": arm_label(arm),
+        **{f"raydino.arm.{k}": v for k, v in arm.items()},
+    }
+    summary = pretrain(
+        cfg,
+        parent_run_id=setup["parent_run_id"],
+        tags=tags,
+        run_callbacks=[RungReport(cfg.optim.epochs)],
+        log=lambda line: print(f"[{trial_id}] {line}", flush=True),
+    )
+    final = {f"final_{k}": v for k, v in summary.final.metrics.items()}
+    final.update({f"random_init_{k}": v for k, v in summary.final.random_init.items()})
+    last = summary.result.metrics
+    tune.report(
+        {
+            **{k: v for k, v in last.items() if isinstance(v, (int, float))},
+            **final,
+            "knn_top1": summary.final.metrics.get("knn_top1", last.get("knn_top1", float("nan"))),
+            "epoch": cfg.optim.epochs,
+            "mlflow_run_id": summary.mlflow_run_id,
+            FINAL_KEY: 1,
+        }
+    )
+
+
+class RungReport(TuneReportCallback):
+    """Forwards Train reports to Tune and adds ``rung_epoch`` before the last epoch only, so
+    ASHA never stops a trial that has finished training and is about to be evaluated."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and metrics[0].get("epoch", self.epochs) < self.epochs:
+            metrics = [{**metrics[0], RUNG_EPOCH: metrics[0]["epoch"]}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
