@@ -34,7 +34,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from raydino.config import load_config
 from raydino.data.augment import MultiCrop, crop_names
-from raydino.data.clock import EpochClock
+from raydino.data.clock import start_epoch_clock
 from raydino.data.embedded import load_digits
 from raydino.data.pipeline import epoch_stream
 from raydino.models import normalize_crops
@@ -72,7 +72,7 @@ def ray_epoch_seconds(cfg, crops: dict[str, np.ndarray], steps: int, workdir: st
     ds = epoch_stream(ray.data.from_arrow(table), cfg.optim.epochs)  # as in training: one stream, all epochs
     uri = f"sqlite:///{workdir}/mlflow.db"
     run_id = create_run(uri, "bench", "train_step", {})
-    clock = EpochClock.remote()
+    clock = start_epoch_clock()
     trainer = build_trainer(
         cfg,
         ds,

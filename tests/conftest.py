@@ -31,7 +31,9 @@ def ray_session() -> Iterator[str]:
     if started:
         # the dashboard stays on: without it, Train runs of trials stopped by ASHA can keep their
         # resources (architecture.md) and later trials wait forever
-        ray.init(num_cpus=8, log_to_driver=True, configure_logging=False)
+        # address="local": a new instance even where another Ray on this machine (a test's simulated
+        # cluster) left its address behind
+        ray.init(address="local", num_cpus=8, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import ray
+import ray._private.state as ray_state
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 from raydino.config import load_config
 from raydino.pretrain import pretrain
@@ -51,10 +51,12 @@ TINY = [
 
 
 def _actors(class_fragment: str) -> list[dict]:
+    """Actors of a class, from the GCS this process is connected to (the state API would need
+    the dashboard, which a second Ray on the machine may keep from starting)."""
     return [
-        {"node_id": a.node_id, "pid": a.pid, "state": a.state}
-        for a in list_actors(detail=True, limit=1000, raise_on_missing_output=False)
-        if class_fragment in a.class_name
+        {"node_id": a["Address"]["NodeID"], "pid": a["Pid"], "state": a["State"]}
+        for a in ray_state.actors().values()
+        if class_fragment in a["ActorClassName"]
     ]
 
 
@@ -72,6 +74,14 @@ def main(workdir: Path) -> None:
     train_nodes = [cluster.add_node(num_cpus=2, resources={"train_node": 1}) for _ in range(3)]
     data_node = cluster.add_node(num_cpus=2, resources={"data_node": 1})
     os.environ["RAY_ADDRESS"] = cluster.address  # Ray's helper processes join this cluster, not another on the machine
+    try:
+        run(cluster, train_nodes, data_node, workdir)
+    finally:  # leave no raylets behind, whatever happened
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -> None:
     ray.init(address=cluster.address)
     quiet_ray_data()
     node_kind = {n.node_id: f"train{i}" for i, n in enumerate(train_nodes)} | {data_node.node_id: "data",
@@ -128,12 +138,13 @@ def main(workdir: Path) -> None:
         "seconds": seconds,
         "worker_nodes": [node_kind.get(a["node_id"], "?") for a in workers],
         "crop_actor_nodes": [node_kind.get(a["node_id"], "?") for a in crop_actors],
+        "clock_nodes": [node_kind.get(a["node_id"], "?") for a in _actors("EpochClock")],
+        # all raylets share one IP here, so the driver attaches to any of them (on a real cluster: the head's)
+        "driver_node": node_kind.get(ray.get_runtime_context().get_node_id(), "?"),
         "faults": faults,
         "status": MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).info.status,
     }
     print(json.dumps(out), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
 
 
 if __name__ == "__main__":

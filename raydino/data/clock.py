@@ -7,9 +7,10 @@ CPU and hundreds of MB per process on a small machine).
 from __future__ import annotations
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EpochClock:
     """The epoch at which this run (or attempt) starts streaming, set by the training loop
     and read by the crop actors: a resumed run gets the crops of the epochs it resumes at,
@@ -24,3 +25,11 @@ class EpochClock:
 
     def get(self) -> int:
         return self._epoch
+
+
+def start_epoch_clock(epoch: int = 0) -> ray.actor.ActorHandle:
+    """An EpochClock on the driver's node (the head, for a job on a cluster), where it outlives the
+    loss of any worker node; restarted by Ray if its process dies anyway (the training loop sets
+    the epoch again at the start of every attempt)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return EpochClock.options(scheduling_strategy=here).remote(epoch)

@@ -20,7 +20,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
-from raydino.data.clock import EpochClock
+from raydino.data.clock import start_epoch_clock
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
@@ -155,7 +155,7 @@ def run_pretraining(
             f"({world} workers x data.batch_size_per_worker={cfg.data.batch_size_per_worker}); "
             "lower data.batch_size_per_worker or scaling.num_workers"
         )
-    clock = EpochClock.remote()
+    clock = start_epoch_clock()
     dataset = multicrop_dataset(
         # in-memory rows cannot turn out undecodable: only file sources need spare passes
         epoch_stream(
