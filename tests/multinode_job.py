@@ -112,6 +112,7 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
                        "workers_on": sorted(node_kind[a["node_id"]] for a in alive),
                        "crop_actors_on": sorted(node_kind[a["node_id"]] for a in _actors("MapWorker")
                                                 if a["state"] == "ALIVE"),
+                       "clock_on": [node_kind[a["node_id"]] for a in _actors("EpochClock") if a["state"] == "ALIVE"],
                        "at": time.monotonic() - started})
         cluster.remove_node(victim, allow_graceful=False)
         steps_per_epoch = 1347 // 2 // 64
@@ -139,8 +140,6 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
         "worker_nodes": [node_kind.get(a["node_id"], "?") for a in workers],
         "crop_actor_nodes": [node_kind.get(a["node_id"], "?") for a in crop_actors],
         "clock_nodes": [node_kind.get(a["node_id"], "?") for a in _actors("EpochClock")],
-        # all raylets share one IP here, so the driver attaches to any of them (on a real cluster: the head's)
-        "driver_node": node_kind.get(ray.get_runtime_context().get_node_id(), "?"),
         "faults": faults,
         "status": MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).info.status,
     }

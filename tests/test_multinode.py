@@ -26,7 +26,7 @@ def test_two_node_run_survives_a_removed_node_and_a_killed_worker(tmp_path):
     assert len(set(remove["workers_on"])) == 2 and all(n.startswith("train") for n in remove["workers_on"])
     assert remove["crop_actors_on"] == ["data"] and set(out["crop_actor_nodes"]) == {"data"}
     assert "head" not in out["worker_nodes"] + out["crop_actor_nodes"]  # the head has no CPU for tasks
-    assert out["clock_nodes"] == [out["driver_node"]]  # the epoch clock lives with the driver
+    assert len(out["clock_nodes"]) == 1  # one epoch clock; it restarts if its node is the one removed
     # faults: a node removed after the first checkpoint, a worker process killed after a later one
     assert remove["fault"] == "remove node" and int(remove["after"][-1].split("_")[1]) < out["steps_per_epoch"]
     assert kill["fault"] == "kill worker process" and remove["node"] not in kill["workers_on"]

@@ -28,8 +28,8 @@ class EpochClock:
 
 
 def start_epoch_clock(epoch: int = 0) -> ray.actor.ActorHandle:
-    """An EpochClock on the driver's node (the head, for a job on a cluster), where it outlives the
-    loss of any worker node; restarted by Ray if its process dies anyway (the training loop sets
-    the epoch again at the start of every attempt)."""
+    """An EpochClock that asks for the driver's node (softly: Ray places it elsewhere when that node
+    cannot host it) and that Ray restarts if its node or process dies; the training loop sets the
+    epoch again at the start of every attempt, so a restarted clock loses nothing."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return EpochClock.options(scheduling_strategy=here).remote(epoch)
