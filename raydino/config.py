@@ -398,6 +398,11 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def method_name(text: str) -> str:
+    """A method as written by a user (``ibot_vmf``, ``iBOT-vMF``) -> its key in METHODS."""
+    return text.strip().lower().replace("_", "-")
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():

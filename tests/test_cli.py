@@ -30,3 +30,13 @@ def test_help_explains_the_default(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "cpu_demo" in capsys.readouterr().out
+
+
+def test_method_names_select_the_config_keys(capsys):
+    from raydino.cli import _parser
+    from raydino.config import METHODS
+
+    args = _parser().parse_args(["pretrain", "--method", "ibot_vmf"])
+    assert args.method == "ibot-vmf" and METHODS[args.method] == {"loss.method": "ibot", "loss.vmf": True}
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["pretrain", "--method", "mae"])
