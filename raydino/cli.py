@@ -114,7 +114,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.max_failures is not None:
         overrides = [f"checkpoint.max_failures={args.max_failures}", *overrides]
     cfg = load_config(args.config, overrides, args.preset)
-    print(f"raydino: {cfg.method_name}, {cfg.model.name} on {cfg.data.source}, centering={cfg.loss.centering}", flush=True)
+    centering = f"centering={cfg.loss.centering}"
+    if cfg.loss.method == "ibot":
+        centering += f", patch_centering={cfg.loss.patch_centering}"
+    print(f"raydino: {cfg.method_name}, {cfg.model.name} on {cfg.data.source}, {centering}", flush=True)
+    for line in cfg.warnings():
+        print(f"raydino: warning: {line}", file=sys.stderr, flush=True)
     if not args.local:
         from raydino.pretrain import pretrain, summary_lines
 

@@ -17,12 +17,13 @@ from typing import Any, Literal, get_args
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from raydino.registry import CENTERING_MODES, DATA_SOURCES, choice_type
 from raydino.schedules import Schedules
 
 CenteringMode = choice_type(CENTERING_MODES)
+CenteringChoice = choice_type(["auto", *CENTERING_MODES])
 SourceName = choice_type(DATA_SOURCES)
 
 
@@ -77,17 +78,57 @@ class LossConfig(_Section):
     vmf: bool = False
     student_temp: float = Field(0.1, gt=0.0, le=1.0)
     warmup_teacher_temp: float = Field(0.04, gt=0.0, le=1.0)
-    teacher_temp: float = Field(0.07, gt=0.0, le=1.0)
-    warmup_teacher_temp_epochs: float = Field(30, ge=0)
-    centering: CenteringMode = "logit"
+    teacher_temp: float = Field(0.04, gt=0.0, le=1.0)
+    warmup_teacher_temp_epochs: float = Field(0, ge=0)
+    centering: CenteringChoice = Field(
+        "auto", description="auto: probability with loss.vmf (the paper's), logit without (DINO's); resolved at load"
+    )
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     sinkhorn_iterations: int = Field(3, ge=1, le=100)
     koleo_weight: float = Field(0.0, ge=0.0, description="KoLeo anti-collapse term on student features (DINOv2: 0.1)")
     warmup_teacher_patch_temp: float = Field(0.04, gt=0.0, le=1.0, description="iBOT: patch teacher temperature")
     teacher_patch_temp: float = Field(0.07, gt=0.0, le=1.0)
-    patch_centering: CenteringMode | None = Field(None, description="iBOT: the patch center's mode; default centering")
+    patch_centering: CenteringChoice = Field(
+        "auto", description="iBOT: the patch center's mode; auto (or null): the same as loss.centering"
+    )
     lambda1: float = Field(1.0, ge=0.0, description="iBOT: weight of the [CLS] loss")
     lambda2: float = Field(1.0, ge=0.0, description="iBOT: weight of the patch loss")
+
+    _auto: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    """The centering keys that were ``auto`` before resolution (``with_overrides`` resolves them again)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolve_auto(cls, data: Any, handler: Any) -> LossConfig:
+        """Resolve ``auto`` centering from ``vmf`` before validation, and remember which keys were auto."""
+        auto: set[str] = set()
+        if isinstance(data, Mapping):
+            data = dict(data)
+            try:
+                vmf = TypeAdapter(bool).validate_python(data.get("vmf", False))
+            except ValidationError:
+                vmf = False  # the field's own validation reports the bad value
+            if data.get("centering", "auto") == "auto":
+                data["centering"] = default_centering(vmf)
+                auto.add("centering")
+            if data.get("patch_centering", "auto") in ("auto", None):  # None: configs written before auto
+                valid = data["centering"] in CENTERING_MODES  # else only loss.centering's own error is reported
+                data["patch_centering"] = data["centering"] if valid else "auto"
+                auto.add("patch_centering")
+        out = handler(data)
+        if auto:
+            out._auto = frozenset(auto)
+        return out
+
+
+def default_centering(vmf: bool) -> str:
+    """What ``auto`` centering means: probability for the vMF methods, logit for DINO / iBOT.
+
+    With logit centering the teacher's per-prototype log-normalisers enter the running center
+    one-for-one and are subtracted again, so the teacher half of the vMF correction cancels
+    (objective.md section 4); the paper centres probabilities for that reason.
+    """
+    return "probability" if vmf else "logit"
 
 
 class CropsConfig(_Section):
@@ -96,6 +137,10 @@ class CropsConfig(_Section):
     local_number: int = Field(8, ge=0, le=64)
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range in pixels (DINO's)")
+    blur_sigma_per_224px: bool = Field(
+        False, description="scale blur_sigma by crop size / 224 (for tiny images); DINO blurs every crop by 0.1-2 px"
+    )
 
     @model_validator(mode="after")
     def _scales(self) -> CropsConfig:
@@ -108,6 +153,9 @@ class CropsConfig(_Section):
             lo, hi = getattr(self, key)
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"data.crops.{key}=({lo}, {hi}): need 0 < low <= high <= 1 (fractions of the image area)")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi <= 100.0:
+            raise ValueError(f"data.crops.blur_sigma=({lo}, {hi}): need 0 < low <= high <= 100 (pixels)")
         return self
 
 
@@ -141,6 +189,11 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.04, ge=0.0, le=10.0)
     weight_decay_end: float = Field(0.4, ge=0.0, le=10.0)
     clip_grad: float = Field(3.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    clip_mode: Literal["per_param", "global"] = Field(
+        "per_param",
+        description="per_param: each parameter's gradient to norm clip_grad (DINO's and iBOT's clip_gradients); "
+        "global: the norm of the whole student's gradient",
+    )
     freeze_last_layer_epochs: float = Field(1, ge=0)
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     decay_prototype_norms: bool = True
@@ -224,6 +277,23 @@ class Config(_Section):
             raise ValueError(f"optim.min_lr={o.min_lr} exceeds optim.base_lr={o.base_lr}")
         return self
 
+    def warnings(self) -> list[str]:
+        """Legal but surprising choices, one line each, for the driver to print once per run."""
+        out = []
+        lo = self.loss
+        if lo.vmf:
+            modes = {"loss.centering": lo.centering}
+            if lo.method == "ibot":
+                modes["loss.patch_centering"] = lo.patch_centering
+            for key, mode in modes.items():
+                if mode == "logit":
+                    out.append(
+                        f"{key}=logit with loss.vmf=true: the running center absorbs the teacher's vMF "
+                        "log-normalisers and subtracts them again, so the teacher half of the correction cancels "
+                        f"(objective.md section 4); leave {key}=auto (probability) to run DINO-vMF as the paper does"
+                    )
+        return out
+
     @property
     def global_batch_size(self) -> int:
         return self.data.batch_size_per_worker * self.scaling.num_workers
@@ -259,12 +329,15 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Presets are overrides of the defaults (which are DINO's main_dino.py defaults).
+# Presets are overrides of the defaults. The defaults are main_dino.py's (facebookresearch/dino):
+# ViT-S/16, 65536 prototypes, teacher temperature 0.04 with no warm-up, lr 5e-4 per 256, per-parameter
+# clipping at 3.0, blur 0.1-2 px on every crop; the iBOT-only keys (patch temperatures, masks) are
+# main_ibot.py's, and centering follows the method (auto).
 PRESETS: dict[str, dict[str, Any]] = {
     "imagenet_vit_small": {
         "model": {"name": "vit_small_patch16_224", "drop_path_rate": 0.1},
         "data": {"source": "imagefolder", "path": "/data/imagenet/train", "batch_size_per_worker": 64},
-        "optim": {"epochs": 100, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0},
+        "optim": {"epochs": 100, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "clip_mode": "per_param"},
         "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
         "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
     },
@@ -283,6 +356,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_epochs": 10,
             "freeze_last_layer_epochs": 3,
             "clip_grad": 3.0,
+            "clip_mode": "per_param",
         },
         "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
         "scaling": {"num_workers": 32, "use_gpu": True, "cpus_per_worker": 8},
@@ -309,7 +383,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size_per_worker": 64,
             "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
         },
-        "optim": {"epochs": 800, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0},
+        "optim": {"epochs": 800, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "clip_mode": "per_param"},
         "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
     },
     "imagenet_ibot_vit_base": {
@@ -335,6 +409,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_epochs": 10,
             "freeze_last_layer_epochs": 3,
             "clip_grad": 3.0,
+            "clip_mode": "per_param",
             "momentum_teacher": 0.996,
         },
         "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
@@ -351,8 +426,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "head": {"num_prototypes": 1024, "hidden_dim": 512, "bottleneck_dim": 64, "norm_last_layer": False},
         "loss": {
-            "vmf": True,
-            "centering": "probability",
+            "vmf": True,  # centering auto: probability (DINO-vMF's); --method dino gives DINO's logit centering
             # tiny 8x8 digits give near-identical initial features, and DINO alone collapses on
             # them (uniform targets); a sharper teacher plus KoLeo keeps the batch spread
             "warmup_teacher_temp": 0.02,
@@ -372,6 +446,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "local_number": 4,
                 "global_scale": [0.4, 1.0],
                 "local_scale": [0.1, 0.4],
+                # DINO's 0.1-2 px blur is sized for 224 px crops; on 16 px and 8 px crops it would erase
+                # the digit, so the demo scales sigma with the crop (0.007-0.14 px at 16 px)
+                "blur_sigma_per_224px": True,
             },
         },
         "optim": {
@@ -383,6 +460,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "momentum_teacher": 0.99,
             "weight_decay": 0.04,
             "weight_decay_end": 0.1,
+            "clip_mode": "global",  # the demo's tuned value: the whole student's gradient norm at 3.0
         },
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
     },
@@ -545,6 +623,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """``cfg`` with dotted keys set to already-typed values (a Tune trial's sample); validated."""
     tree = cfg.model_dump(mode="json")
+    for key in cfg.loss._auto:  # centering that followed loss.vmf follows it again (a sweep arm may set vmf)
+        tree["loss"][key] = "auto"
     for dotted, value in overrides.items():
         _set_dotted(tree, dotted.split("."), copy.deepcopy(value), dotted)
     return build_config(tree)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
+from raydino.models.grad_clip import clip_gradients
 from raydino.models.masking import sample_masks
 from raydino.objectives import DINOLoss, koleo_loss
 from raydino.objectives.distributed import global_mean
@@ -241,9 +242,7 @@ class DINOStep:
         self.loss_fn.commit_center()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float("nan")
-        if self.cfg.optim.clip_grad > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.student_module.parameters(), self.cfg.optim.clip_grad))
+        clip = clip_gradients(self.student_module.parameters(), self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         self.optimizer.step()
         ema_update(self.teacher, self.student_module, values.teacher_momentum)
         metrics = {
@@ -254,7 +253,8 @@ class DINOStep:
             "teacher_temp": values.teacher_temp,
             "teacher_entropy": out.teacher_entropy.item(),
             "mean_target_entropy": out.mean_target_entropy.item(),
-            "grad_norm": grad_norm,
+            "grad_norm": clip.grad_norm,  # before clipping
+            "grads_clipped": clip.clipped,
         }
         if out.center_norm is not None:
             metrics["center_norm"] = out.center_norm.item()

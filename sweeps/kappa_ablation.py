@@ -27,7 +27,7 @@ from typing import Any
 
 from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
 
-from raydino.config import METHODS, ConfigError, method_name
+from raydino.config import METHODS, Config, ConfigError, method_name, with_overrides
 from raydino.registry import CENTERING_MODES
 
 PROTOTYPES = {"normalised": True, "unnormalised": False}
@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dino, dino-vmf, ibot, ibot-vmf (default: dino dino-vmf); more than one family "
                         "(dino, ibot) must come with and without vMF alike, as the arms are a grid")
     parser.add_argument("--prototypes", nargs="+", choices=sorted(PROTOTYPES), default=list(PROTOTYPES))
-    parser.add_argument("--centerings", nargs="+", choices=list(CENTERING_MODES),
-                        default=["logit", "probability"])
+    parser.add_argument("--centerings", nargs="+", choices=["auto", *CENTERING_MODES],
+                        default=["logit", "probability"],
+                        help="centering arms (default: logit probability); auto follows the method: probability "
+                        "with vMF, logit without. Arms record the mode each trial actually used")
     parser.add_argument("--teacher-temps", nargs="+", type=float, metavar="T",
                         help="also sweep the teacher temperature, e.g. 0.04 0.07")
     return parser
@@ -65,6 +67,11 @@ def ablation_space(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]
         raise ConfigError(
             f"--methods {' '.join(args.methods)}: the arms are a grid of method family x vMF; give every "
             f"combination of {', '.join(families)} with and without -vmf, or run the families separately"
+        )
+    if "auto" in args.centerings and {"logit", "probability"} & set(args.centerings):
+        raise ConfigError(
+            "--centerings auto resolves to logit (without vMF) or probability (with vMF), so beside those modes it "
+            "would run the same arm twice; give auto alone, or the explicit modes"
         )
     space: dict[str, Any] = {
         "loss.method": families,
@@ -80,8 +87,18 @@ def ablation_space(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]
     return space, arm_keys
 
 
-def arms(space: dict[str, Any], arm_keys: list[str]) -> list[dict[str, Any]]:
-    return [dict(zip(arm_keys, combo)) for combo in itertools.product(*(space[k] for k in arm_keys))]
+def arms(space: dict[str, Any], arm_keys: list[str], base: Config | None = None) -> list[dict[str, Any]]:
+    """The arms, each as the values its trials run with (``auto`` centering resolved against ``base``)."""
+    from raydino.sweep.spec import config_value  # imports Ray: only when arms are listed
+
+    out = []
+    for combo in itertools.product(*(space[k] for k in arm_keys)):
+        arm = dict(zip(arm_keys, combo))
+        if base is not None:  # what a trial records (raydino.arm.* tags): the resolved values
+            cfg = with_overrides(base, arm)
+            arm = {k: config_value(cfg, k) for k in arm}
+        out.append(arm)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     space, arm_keys = ablation_space(args)
     base = base_config(args, BUDGET, experiment="kappa_ablation")
     name = args.name or f"kappa-ablation-{time.strftime('%Y%m%d-%H%M%S')}"
-    arm_list = arms(space, arm_keys)
+    arm_list = arms(space, arm_keys, base)
     print(f"{len(arm_list)} arms x {args.seeds} seeds = {len(arm_list) * args.seeds} trials of "
           f"{base.model.name} on {base.data.source} ({base.optim.epochs} epochs, {base.scaling.num_workers} worker(s))")
     for arm in arm_list:
-        print("  " + ", ".join(f"{k}={v}" for k, v in arm.items()))
+        cancels = arm.get("loss.vmf") and arm.get("loss.centering") == "logit"
+        print("  " + ", ".join(f"{k}={v}" for k, v in arm.items())
+              + ("   (logit centering cancels the teacher's vMF normalisers: an ablation arm)" if cancels else ""))
     if args.dry_run:
         return 0
 

@@ -69,3 +69,69 @@ class ReferenceDINO:
                 pairs += 1
         self.update(l_t, tau_t)
         return total / pairs
+
+
+class NumpyAsPythonRandom:
+    """Python's ``random`` module calls that iBOT's mask generator makes, answered from a numpy
+    generator with CPython's formulas, so a transcription and raydino can be fed the same numbers."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.rng.random()  # CPython: a + (b - a) * random()
+
+    def randint(self, a: int, b: int) -> int:
+        return int(self.rng.integers(a, b + 1))  # inclusive upper bound
+
+
+def ibot_block_mask(H: int, W: int, high: float, log_aspect_ratio: tuple, random) -> np.ndarray:
+    """iBOT's ``ImageFolderMask.__getitem__`` block branch (github.com/bytedance/ibot, loader.py),
+    transcribed line for line; ``high`` is ``pred_ratio * H * W``."""
+    import math
+
+    mask = np.zeros((H, W), dtype=bool)
+    mask_count = 0
+    while mask_count < high:
+        max_mask_patches = high - mask_count
+
+        delta = 0
+        for attempt in range(10):
+            low = (min(H, W) // 3) ** 2
+            target_area = random.uniform(low, max_mask_patches)
+            aspect_ratio = math.exp(random.uniform(*log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))  # noqa: RUF046 - verbatim
+            w = int(round(math.sqrt(target_area / aspect_ratio)))  # noqa: RUF046 - verbatim
+            if w < W and h < H:
+                top = random.randint(0, H - h)
+                left = random.randint(0, W - w)
+
+                num_masked = mask[top: top + h, left: left + w].sum()
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j] = 1
+                                delta += 1
+
+            if delta > 0:
+                break
+
+        if delta == 0:
+            break
+        else:
+            mask_count += delta
+    return mask
+
+
+def dino_clip_gradients(model, clip: float) -> list:
+    """DINO's ``utils.clip_gradients`` (github.com/facebookresearch/dino, utils.py), verbatim."""
+    norms = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms

@@ -1,12 +1,10 @@
 """What pretrain resolves once before Ray starts: storage, run name, data path; the registries."""
 
-from typing import get_args
-
 import pytest
 
-from raydino.config import ConfigError, DataConfig, LossConfig, load_config
+from raydino.config import ConfigError, load_config
 from raydino.plan import check_data_path, plan_run
-from raydino.registry import CENTERING_MODES, DATA_SOURCES, require_all
+from raydino.registry import DATA_SOURCES, require_all
 from raydino.storage import StorageError, join_storage, resolve_storage
 
 
@@ -43,11 +41,16 @@ def test_missing_data_path_fails_before_anything_starts(tmp_path):
         plan_run(cfg)
 
 
-def test_config_choices_are_the_registries():
-    assert set(get_args(LossConfig.model_fields["centering"].annotation)) == set(CENTERING_MODES)
-    assert set(get_args(DataConfig.model_fields["source"].annotation)) == set(DATA_SOURCES)
-    with pytest.raises(ConfigError, match="data.source=.images. needs data.path"):
-        load_config(overrides=["data.source=images"])
+@pytest.mark.parametrize("source", sorted(DATA_SOURCES))
+def test_every_registered_source_is_a_config_choice_and_file_sources_need_a_path(source, tmp_path):
+    if DATA_SOURCES[source].needs_path:
+        with pytest.raises(ConfigError, match=f"data.source=.{source}. needs data.path"):
+            load_config(overrides=[f"data.source={source}"])
+        assert load_config(overrides=[f"data.source={source}", f"data.path={tmp_path}"]).data.source == source
+    else:
+        assert load_config(overrides=[f"data.source={source}"]).data.path is None
+    with pytest.raises(ConfigError, match="allowed: one of " + ", ".join(DATA_SOURCES)):
+        load_config(overrides=["data.source=nope"])
 
 
 def test_an_unregistered_implementation_fails_at_import():

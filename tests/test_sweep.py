@@ -22,6 +22,7 @@ from raydino.sweep import (
     validate_space,
 )
 from raydino.sweep.bookkeeping import close_children
+from raydino.sweep.spec import arm_values
 from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
 
@@ -165,6 +166,25 @@ def test_kappa_ablation_arguments_and_arms():
     assert only_ibot["loss.method"] == ["ibot"] and only_ibot["loss.vmf"] == [True]
     with pytest.raises(ConfigError, match="grid of method family x vMF"):
         ablation.ablation_space(ablation.build_parser().parse_args(["--methods", "dino", "ibot-vmf"]))
+
+
+def test_kappa_ablation_arms_record_the_centering_each_trial_uses(capsys):
+    ablation = _script("kappa_ablation")
+    args = ablation.build_parser().parse_args(["--centerings", "auto", "--methods", "dino", "dino-vmf", "ibot",
+                                               "ibot-vmf"])
+    space, arm_keys = ablation.ablation_space(args)
+    base = ablation.base_config(args, ablation.BUDGET, "kappa_ablation")
+    arms = ablation.arms(space, arm_keys, base)
+    assert {(a["loss.vmf"], a["loss.centering"]) for a in arms} == {(False, "logit"), (True, "probability")}
+    for config in validate_space(SweepSpec("k", base, space, arm_keys=arm_keys)):  # what each trial runs and tags
+        want = "probability" if config.loss.vmf else "logit"
+        assert (config.loss.centering, config.loss.patch_centering) == (want, want)
+        assert arm_values(config, arm_keys)["loss.centering"] == want
+    assert ablation.main(["--dry-run"]) == 0  # the default arms: logit beside probability, the vMF + logit ones marked
+    listing = capsys.readouterr().out
+    assert listing.count("cancels the teacher's vMF normalisers") == 2
+    with pytest.raises(ConfigError, match="same arm twice"):
+        ablation.ablation_space(ablation.build_parser().parse_args(["--centerings", "auto", "logit"]))
 
 
 def test_temperature_sweep_arguments(capsys):

@@ -32,21 +32,28 @@ def crop_names(num_local: int) -> list[str]:
     return ["global_0", "global_1"] + [f"local_{i}" for i in range(num_local)]
 
 
-def _blur(size: int, p: float) -> v2.Transform:
-    """Gaussian blur with DINO's sigma range (0.1, 2) at 224 px, scaled to the crop size."""
-    scale = size / 224.0
-    sigma = (0.1 * scale, 2.0 * scale)
+def blur_sigma(size: int, crops: CropsConfig) -> tuple[float, float]:
+    """The blur sigma range a crop of ``size`` px gets: DINO's 0.1-2 px on every crop (PIL's radius at
+    224 and 96 px alike), or, with ``blur_sigma_per_224px``, that range scaled by size / 224 for tiny images."""
+    lo, hi = crops.blur_sigma
+    scale = size / 224.0 if crops.blur_sigma_per_224px else 1.0
+    return (lo * scale, hi * scale)
+
+
+def _blur(size: int, p: float, crops: CropsConfig) -> v2.Transform:
+    """Gaussian blur applied with probability ``p``; the kernel spans 3 sigma of the largest sigma."""
+    sigma = blur_sigma(size, crops)
     kernel = max(3, 2 * round(3 * sigma[1]) + 1)
     return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
 
-def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Transform:
+def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, crops: CropsConfig) -> v2.Transform:
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        _blur(size, blur_p),
+        _blur(size, blur_p, crops),
     ]
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
@@ -59,10 +66,10 @@ class MultiCrop:
     def __init__(self, crops: CropsConfig) -> None:
         self.names = crop_names(crops.local_number)
         self.global_views = [
-            _view(crops.global_size, crops.global_scale, blur_p=1.0, solarize_p=0.0),
-            _view(crops.global_size, crops.global_scale, blur_p=0.1, solarize_p=0.2),
+            _view(crops.global_size, crops.global_scale, blur_p=1.0, solarize_p=0.0, crops=crops),
+            _view(crops.global_size, crops.global_scale, blur_p=0.1, solarize_p=0.2, crops=crops),
         ]
-        self.local_view = _view(crops.local_size, crops.local_scale, blur_p=0.5, solarize_p=0.0)
+        self.local_view = _view(crops.local_size, crops.local_scale, blur_p=0.5, solarize_p=0.0, crops=crops)
         self.num_local = crops.local_number
         self.to_rgb = v2.RGB()
         self._plans = [_ViewPlan(view) for view in self.global_views] + [_ViewPlan(self.local_view)] * self.num_local

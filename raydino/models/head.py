@@ -9,9 +9,23 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 
+class TokenSequential(nn.Sequential):
+    """``nn.Sequential`` whose batch norms take (B, N, C) token batches too, normalising over all
+    B * N tokens with the channel axis moved to dim 1, as iBOT's ``CustomSequential`` does for its
+    patch tokens; (B, C) inputs ([CLS]) pass through unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in self:
+            if isinstance(module, (nn.BatchNorm1d, nn.SyncBatchNorm)) and x.dim() > 2:
+                x = module(x.movedim(-1, 1)).movedim(1, -1)
+            else:
+                x = module(x)
+        return x
+
+
 def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use_bn: bool) -> nn.Sequential:
     if num_layers == 1:
-        return nn.Sequential(nn.Linear(in_dim, bottleneck_dim))
+        return TokenSequential(nn.Linear(in_dim, bottleneck_dim))
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (num_layers - 1)
     for a, b in itertools.pairwise(dims):
@@ -20,7 +34,7 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use
             layers.append(nn.BatchNorm1d(b))
         layers.append(nn.GELU())
     layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-    return nn.Sequential(*layers)
+    return TokenSequential(*layers)
 
 
 def _prototypes(bottleneck_dim: int, num_prototypes: int, norm_last_layer: bool) -> nn.Module:

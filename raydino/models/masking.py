@@ -14,18 +14,24 @@ import numpy as np
 
 
 def _add_block(mask: np.ndarray, budget: float, rng: np.random.Generator, log_aspect: tuple[float, float]) -> int:
-    """Mask one rectangle that adds at most ``budget`` new patches (10 attempts); the patches added."""
+    """Mask one rectangle that adds at most ``budget`` new patches (10 attempts); the patches added.
+
+    Draws as iBOT's ``ImageFolderMask`` does, number for number (``random.uniform(a, b)`` is
+    ``a + (b - a) * u`` and ``random.randint(a, b)`` is ``integers(a, b + 1)``): the area is
+    uniform between the smallest block and the budget in either order, so once the budget is
+    below the smallest block the area still lies between the two, as in iBOT.
+    """
     h_grid, w_grid = mask.shape
     low = (min(h_grid, w_grid) // 3) ** 2  # iBOT's smallest block
     for _ in range(10):
-        area = rng.uniform(min(low, budget), budget)
-        aspect = math.exp(rng.uniform(*log_aspect))
+        area = low + (budget - low) * rng.random()
+        aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * rng.random())
         h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if not (0 < h < h_grid and 0 < w < w_grid):
+        if not (h < h_grid and w < w_grid):
             continue
         top, left = rng.integers(0, h_grid - h + 1), rng.integers(0, w_grid - w + 1)
         block = mask[top : top + h, left : left + w]
-        new = h * w - int(block.sum())
+        new = h * w - int(block.sum())  # 0 for an empty rectangle (a side rounded to 0): not accepted
         if 0 < new <= budget:
             block[...] = True
             return new
