@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raydino-installed
 
-.PHONY: demo test bench install
+.PHONY: demo test test-fast bench install
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check raydino sweeps tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# the iteration tier: everything but the multi-minute Ray end-to-end and fault tests (marker "slow")
+test-fast: $(STAMP)
+	$(BIN)/ruff check raydino sweeps tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/vmf_overhead.py

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from raydino.objectives import DINOLoss
+from raydino.objectives import DINOTerm, Temperatures, Views
 
 
 def _inputs(k: int, batch: int, crops: int, device: torch.device, learned_norms: bool):
@@ -24,12 +24,13 @@ def _inputs(k: int, batch: int, crops: int, device: torch.device, learned_norms:
     return student, teacher, s_norms, t_norms
 
 
-def _time(loss_fn: DINOLoss, inputs, device: torch.device) -> float:
+def _time(term: DINOTerm, inputs, device: torch.device) -> float:
     student, teacher, s_norms, t_norms = inputs
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = loss_fn(student, teacher, 0.1, 0.04, s_norms, t_norms)
+    out = term(student=Views(student, s_norms), teacher=Views(teacher, t_norms), temps=Temperatures(0.1, 0.04))
+    term.commit()
     out.loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -52,7 +53,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     inputs = _inputs(args.prototypes, args.batch, 2 + args.local_crops, device, not args.frozen_norms)
-    losses = {vmf: DINOLoss(args.prototypes, args.dim, vmf=vmf, centering=args.centering).to(device) for vmf in (False, True)}
+    losses = {vmf: DINOTerm(args.prototypes, args.dim, vmf=vmf, centering=args.centering).to(device) for vmf in (False, True)}
     for vmf in (False, True):  # warm-up
         _time(losses[vmf], inputs, device)
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from raydino.config import METHODS, PRESETS, ConfigError, load_config, method_name
+from raydino.config import METHODS, PRESETS, ConfigError, load_config, parse_method
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="base settings (default: cpu_demo)")
     pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
-    pre.add_argument("--method", type=method_name, choices=list(METHODS),
+    pre.add_argument("--method", type=parse_method, choices=list(METHODS),
                      help="sets loss.method and loss.vmf (default: the preset's); ibot_vmf = ibot-vmf")
     pre.add_argument("--local", action="store_true", help="single process, no Ray (quick smoke run)")
     pre.add_argument("--max-steps", type=int, help="with --local: stop after this many steps")

@@ -19,6 +19,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
+from raydino.presets import DEFAULT_PRESET, PRESETS
 from raydino.registry import CENTERING_MODES, DATA_SOURCES, choice_type
 from raydino.schedules import Schedules
 
@@ -126,7 +127,7 @@ def default_centering(vmf: bool) -> str:
 
     With logit centering the teacher's per-prototype log-normalisers enter the running center
     one-for-one and are subtracted again, so the teacher half of the vMF correction cancels
-    (objective.md section 4); the paper centres probabilities for that reason.
+    (docs/objective.md section 4); the paper centres probabilities for that reason.
     """
     return "probability" if vmf else "logit"
 
@@ -258,7 +259,7 @@ class Config(_Section):
 
     @property
     def method_name(self) -> str:
-        """dino, dino-vmf, ibot or ibot-vmf."""
+        """The method this config runs: dino, dino-vmf, ibot or ibot-vmf (a key of METHODS)."""
         return self.loss.method + ("-vmf" if self.loss.vmf else "")
 
     @model_validator(mode="after")
@@ -290,7 +291,7 @@ class Config(_Section):
                     out.append(
                         f"{key}=logit with loss.vmf=true: the running center absorbs the teacher's vMF "
                         "log-normalisers and subtracts them again, so the teacher half of the correction cancels "
-                        f"(objective.md section 4); leave {key}=auto (probability) to run DINO-vMF as the paper does"
+                        f"(docs/objective.md section 4); leave {key}=auto (probability) to run DINO-vMF as the paper does"
                     )
         return out
 
@@ -329,144 +330,6 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# Presets are overrides of the defaults. The defaults are main_dino.py's (facebookresearch/dino):
-# ViT-S/16, 65536 prototypes, teacher temperature 0.04 with no warm-up, lr 5e-4 per 256, per-parameter
-# clipping at 3.0, blur 0.1-2 px on every crop; the iBOT-only keys (patch temperatures, masks) are
-# main_ibot.py's, and centering follows the method (auto).
-PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet_vit_small": {
-        "model": {"name": "vit_small_patch16_224", "drop_path_rate": 0.1},
-        "data": {"source": "imagefolder", "path": "/data/imagenet/train", "batch_size_per_worker": 64},
-        "optim": {"epochs": 100, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "clip_mode": "per_param"},
-        "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
-        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
-    },
-    "imagenet_vit_base": {
-        "model": {"name": "vit_base_patch16_224", "drop_path_rate": 0.1},
-        "data": {
-            "source": "imagefolder",
-            "path": "/data/imagenet/train",
-            "batch_size_per_worker": 32,
-            "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
-        },
-        "optim": {
-            "epochs": 400,
-            "base_lr": 7.5e-4 * 256 / 1024,
-            "min_lr": 2e-6,
-            "warmup_epochs": 10,
-            "freeze_last_layer_epochs": 3,
-            "clip_grad": 3.0,
-            "clip_mode": "per_param",
-        },
-        "loss": {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
-        "scaling": {"num_workers": 32, "use_gpu": True, "cpus_per_worker": 8},
-    },
-    # iBOT's published recipes (github.com/bytedance/ibot, README run commands): 8192 prototypes
-    # shared by [CLS] and patches, 10 local crops, half the images masked at a ratio in
-    # (0.1, 0.5) (pred_ratio 0 0.3, pred_ratio_var 0 0.2), patch teacher 0.04 -> 0.07; lr, weight
-    # decay and momentum at DINO's defaults, as iBOT's run commands leave them
-    "imagenet_ibot_vit_small": {
-        "model": {"name": "vit_small_patch16_224", "drop_path_rate": 0.1},
-        "head": {"num_prototypes": 8192, "norm_last_layer": False, "patch_prototypes": "shared"},
-        "loss": {
-            "method": "ibot",
-            "warmup_teacher_temp": 0.04,
-            "teacher_temp": 0.07,
-            "warmup_teacher_patch_temp": 0.04,
-            "teacher_patch_temp": 0.07,
-            "warmup_teacher_temp_epochs": 30,
-        },
-        "mask": {"ratio": [0.1, 0.5], "unmasked_share": 0.5},
-        "data": {
-            "source": "imagefolder",
-            "path": "/data/imagenet/train",
-            "batch_size_per_worker": 64,
-            "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
-        },
-        "optim": {"epochs": 800, "warmup_epochs": 10, "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "clip_mode": "per_param"},
-        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
-    },
-    "imagenet_ibot_vit_base": {
-        "model": {"name": "vit_base_patch16_224", "drop_path_rate": 0.1},
-        "head": {"num_prototypes": 8192, "norm_last_layer": True, "patch_prototypes": "shared"},
-        "loss": {
-            "method": "ibot",
-            "warmup_teacher_temp": 0.04,
-            "teacher_temp": 0.07,
-            "warmup_teacher_patch_temp": 0.04,
-            "teacher_patch_temp": 0.07,
-            "warmup_teacher_temp_epochs": 50,
-        },
-        "mask": {"ratio": [0.1, 0.5], "unmasked_share": 0.5},
-        "data": {
-            "source": "imagefolder",
-            "path": "/data/imagenet/train",
-            "batch_size_per_worker": 64,
-            "crops": {"local_number": 10, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]},
-        },
-        "optim": {
-            "epochs": 400,
-            "warmup_epochs": 10,
-            "freeze_last_layer_epochs": 3,
-            "clip_grad": 3.0,
-            "clip_mode": "per_param",
-            "momentum_teacher": 0.996,
-        },
-        "scaling": {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8},
-    },
-    "cpu_demo": {
-        "model": {
-            "name": "vit_tiny_patch16_224",
-            # digits are 8x8 images: 16 px in 4 px patches (2x2 source pixels each) learns as
-            # much per step as 32 px at a quarter of the tokens; with batched multi-crop, 30
-            # epochs fit the 5 minutes on 2 cores
-            "img_size": 16,
-            "drop_path_rate": 0.0,
-            "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
-        },
-        "head": {"num_prototypes": 1024, "hidden_dim": 512, "bottleneck_dim": 64, "norm_last_layer": False},
-        "loss": {
-            "vmf": True,  # centering auto: probability (DINO-vMF's); --method dino gives DINO's logit centering
-            # tiny 8x8 digits give near-identical initial features, and DINO alone collapses on
-            # them (uniform targets); a sharper teacher plus KoLeo keeps the batch spread
-            "warmup_teacher_temp": 0.02,
-            "teacher_temp": 0.04,
-            "warmup_teacher_temp_epochs": 2,
-            "koleo_weight": 1.0,
-        },
-        "data": {
-            "source": "digits",
-            "batch_size_per_worker": 64,
-            # batched multi-crop at 16 px costs little per image, so Ray Data's per-call cost
-            # counts: 256 images per actor call ran 1.5x the images/s of 64 (benchmarks/multicrop.py)
-            "crop_batch_size": 256,
-            "crops": {
-                "global_size": 16,
-                "local_size": 8,
-                "local_number": 4,
-                "global_scale": [0.4, 1.0],
-                "local_scale": [0.1, 0.4],
-                # DINO's 0.1-2 px blur is sized for 224 px crops; on 16 px and 8 px crops it would erase
-                # the digit, so the demo scales sigma with the crop (0.007-0.14 px at 16 px)
-                "blur_sigma_per_224px": True,
-            },
-        },
-        "optim": {
-            "epochs": 30,
-            "base_lr": 2e-3,
-            "min_lr": 1e-5,
-            "warmup_epochs": 1,
-            "freeze_last_layer_epochs": 1,
-            "momentum_teacher": 0.99,
-            "weight_decay": 0.04,
-            "weight_decay_end": 0.1,
-            "clip_mode": "global",  # the demo's tuned value: the whole student's gradient norm at 3.0
-        },
-        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
-    },
-}
-DEFAULT_PRESET = "cpu_demo"
-
 # the four methods as the config keys that select them (CLI --method, sweep --methods)
 METHODS: dict[str, dict[str, Any]] = {
     "dino": {"loss.method": "dino", "loss.vmf": False},
@@ -476,7 +339,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def method_name(text: str) -> str:
+def parse_method(text: str) -> str:
     """A method as written by a user (``ibot_vmf``, ``iBOT-vMF``) -> its key in METHODS."""
     return text.strip().lower().replace("_", "-")
 
@@ -617,7 +480,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     tree = _deep_merge(_deep_merge({}, PRESETS[preset]), file_tree)
     return build_config(apply_overrides(tree, overrides or []))
-
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

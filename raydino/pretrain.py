@@ -26,10 +26,16 @@ from raydino.export import export_backbone, load_teacher
 from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
 from raydino.plan import plan_run
 from raydino.step import build_models
-from raydino.tracking import RunLogger, check_tracking, create_run, find_run, resolve_tracking_uri, ui_command
+from raydino.tracking import (
+    PROTOTYPE_ARRAYS,
+    RunLogger,
+    check_tracking,
+    create_run,
+    find_run,
+    resolve_tracking_uri,
+    ui_command,
+)
 from raydino.train.driver import TrainResult, run_pretraining
-
-PROTOTYPE_ARRAYS = "eval/prototypes.npz"  # artifact: kappa_student, kappa_teacher, usage (for sweep plots)
 
 
 @dataclass

@@ -32,11 +32,13 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
 
 
 def warmup_cosine(step: int, total_steps: int, peak: float, final: float, warmup_steps: int) -> float:
-    """Linear warm-up from 0 to ``peak``, then half-cosine down to ``final``."""
+    """Linear warm-up from 0 to ``peak``, then half-cosine down to ``final``: DINO's ``cosine_scheduler``
+    value for value (its warm-up is ``np.linspace(0, peak, warmup_steps)``, so it reaches the peak on
+    its last warm-up step, and the cosine covers the remaining steps)."""
     _check(step, total_steps)
     warmup_steps = min(warmup_steps, total_steps)
     if step < warmup_steps:
-        return peak * step / warmup_steps
+        return peak * step / max(warmup_steps - 1, 1)
     if warmup_steps == total_steps:
         return peak
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
@@ -53,6 +55,8 @@ class ScheduleValues:
 
     lr: float
     last_layer_lr: float
+    last_layer_frozen: bool
+    """DINO's ``freeze_last_layer``: the step drops the prototypes' gradients (lr 0 as well)."""
     weight_decay: float
     teacher_momentum: float
     teacher_temp: float
@@ -88,6 +92,7 @@ class Schedules:
         return ScheduleValues(
             lr=lr,
             last_layer_lr=0.0 if frozen else lr,
+            last_layer_frozen=frozen,
             weight_decay=cosine(step, total_steps, self.weight_decay, self.weight_decay_end),
             teacher_momentum=cosine(step, total_steps, self.momentum_teacher, 1.0),
             teacher_temp=linear_warmup(step, temp_steps, self.warmup_teacher_temp, self.teacher_temp),

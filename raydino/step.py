@@ -1,8 +1,11 @@
-"""One DINO / DINO-vMF optimisation step, in plain torch (no Ray, no MLflow).
+"""One optimisation step, in plain torch (no Ray, no MLflow), as DINO's ``train_one_epoch`` does it.
 
-The Ray Train loop, the single-process run and the benchmarks all build it with
-``DINOStep.build``, so the numerics of a step and what belongs to a checkpoint live in
-one place.
+The loss is whatever ``raydino.objectives.build_objective`` assembles (DINO or DINO-vMF's [CLS]
+term, iBOT's patch term, KoLeo); the step asks the networks for what those terms need, sums
+nothing itself and logs each part. The Ray Train loop, the single-process run and the benchmarks
+all build it with ``DINOStep.build``, so the numerics of a step and what belongs to a checkpoint
+live in one place. tests/test_reference_run.py runs it beside transcriptions of DINO's and iBOT's
+loops.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from raydino.config import Config
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
 from raydino.models.grad_clip import clip_gradients
 from raydino.models.masking import sample_masks
-from raydino.objectives import DINOLoss, koleo_loss
+from raydino.models.param_groups import is_last_layer
+from raydino.objectives import Objective, ObjectiveOutput, Temperatures, build_objective
 from raydino.objectives.distributed import global_mean
-from raydino.objectives.ibot import IBOTLoss
 from raydino.schedules import ScheduleValues
 
 
@@ -70,41 +73,19 @@ class NonFiniteGuard:
             )
 
 
-def build_models(cfg: Config) -> tuple[MultiCropNetwork, MultiCropNetwork]:
-    """Student and teacher (an exact copy) for ``cfg``; seed torch first for reproducible weights."""
+def build_models(cfg: Config, masked: bool | None = None) -> tuple[MultiCropNetwork, MultiCropNetwork]:
+    """Student and teacher (an exact copy) for ``cfg``, with iBOT's mask token when a loss term asks
+    for masks (``masked``, default: what ``cfg``'s objective needs). Seed torch first for
+    reproducible weights."""
+    if masked is None:
+        masked = "masks" in build_objective(cfg).needs
     return build_student_teacher(
         cfg.model.name,
         cfg.model.img_size,
         dict(cfg.model.kwargs),
         cfg.head.model_dump(),
         cfg.model.drop_path_rate,
-        masked=cfg.loss.method == "ibot",
-    )
-
-
-def build_loss(cfg: Config) -> DINOLoss | IBOTLoss:
-    """The loss with its centering state (checkpointed with the models)."""
-    if cfg.loss.method == "ibot":
-        separate = cfg.head.patch_prototypes == "separate" and cfg.head.num_patch_prototypes
-        return IBOTLoss(
-            cfg.head.num_prototypes,
-            cfg.head.num_patch_prototypes if separate else cfg.head.num_prototypes,
-            cfg.head.bottleneck_dim,
-            vmf=cfg.loss.vmf,
-            centering=cfg.loss.centering,
-            patch_centering=cfg.loss.patch_centering,
-            center_momentum=cfg.loss.center_momentum,
-            sinkhorn_iterations=cfg.loss.sinkhorn_iterations,
-            lambda1=cfg.loss.lambda1,
-            lambda2=cfg.loss.lambda2,
-        )
-    return DINOLoss(
-        cfg.head.num_prototypes,
-        cfg.head.bottleneck_dim,
-        vmf=cfg.loss.vmf,
-        centering=cfg.loss.centering,
-        center_momentum=cfg.loss.center_momentum,
-        sinkhorn_iterations=cfg.loss.sinkhorn_iterations,
+        masked=masked,
     )
 
 
@@ -114,7 +95,7 @@ def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
-    """This step's lr and weight decay; the last layer is frozen by its lr (0 while frozen)."""
+    """This step's lr and weight decay; a frozen last layer gets lr 0 (and the step drops its gradients)."""
     for group in optimizer.param_groups:
         group["lr"] = values.last_layer_lr if group["is_last_layer"] else values.lr
         group["weight_decay"] = values.weight_decay if group["apply_weight_decay"] else 0.0
@@ -132,7 +113,7 @@ class DINOStep:
         student: nn.Module,
         student_module: MultiCropNetwork,
         teacher: MultiCropNetwork,
-        loss_fn: DINOLoss | IBOTLoss,
+        objective: Objective,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
     ) -> None:
@@ -140,7 +121,7 @@ class DINOStep:
         self.student = student
         self.student_module = student_module
         self.teacher = teacher
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.optimizer = optimizer
         self.device = device
         self.schedules = cfg.schedules()
@@ -158,12 +139,12 @@ class DINOStep:
         every worker starts from the same weights; ``wrap_student`` (e.g. Ray's ``prepare_model``)
         moves the student to the device and wraps it for DDP. The teacher is never wrapped."""
         torch.manual_seed(cfg.seed)
-        student, teacher = build_models(cfg)
+        objective = build_objective(cfg).to(device)
+        student, teacher = build_models(cfg, masked="masks" in objective.needs)
         teacher.to(device)
-        loss_fn = build_loss(cfg).to(device)
         wrapped = wrap_student(student) if wrap_student is not None else student.to(device)
         module = wrapped.module if hasattr(wrapped, "module") else wrapped
-        return cls(cfg, wrapped, module, teacher, loss_fn, build_optimizer(cfg, module), device)
+        return cls(cfg, wrapped, module, teacher, objective, build_optimizer(cfg, module), device)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds of the step: both networks, the optimiser, the centering state."""
@@ -171,7 +152,7 @@ class DINOStep:
             "student": self.student_module.state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "loss": self.loss_fn.state_dict(),
+            "loss": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,7 +161,7 @@ class DINOStep:
             self.student_module.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.loss_fn.load_state_dict(state["loss"])
+            self.objective.load_state_dict(state["loss"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointMismatchError(
                 f"the checkpoint does not fit this configuration ({str(exc).strip()[:600]}). It was written by a run "
@@ -190,8 +171,9 @@ class DINOStep:
 
     def masks(self, crops: Sequence[Tensor], step: int) -> list[Tensor] | None:
         """iBOT's block masks for the global crops of this step, seeded by (seed, step, rank):
-        reproducible, different on every worker, independent of the data order."""
-        if self.cfg.loss.method != "ibot":
+        reproducible, different on every worker, independent of the data order. None when no
+        term asks for masks."""
+        if "masks" not in self.objective.needs:
             return None
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         rng = np.random.default_rng([self.cfg.seed, step, rank])
@@ -202,47 +184,37 @@ class DINOStep:
             for crop in crops[: self.num_global]
         ]
 
-    def _loss(self, crops: Sequence[Tensor], masks: list[Tensor] | None, values: ScheduleValues) -> tuple[Any, Any]:
-        """Forward both networks and score them; returns the loss output and the student's output."""
-        koleo = self.cfg.loss.koleo_weight > 0
+    def _loss(self, crops: Sequence[Tensor], masks: list[Tensor] | None, values: ScheduleValues) -> ObjectiveOutput:
+        """Forward both networks on what the objective's terms need and score them."""
+        needs = self.objective.needs
         with self._autocast():
             with torch.no_grad():
-                teacher = self.teacher(crops[: self.num_global], return_patches=masks is not None)
-            student = self.student(crops, masks=masks, return_features=koleo, return_patches=masks is not None)
-        temps = (self.cfg.loss.student_temp, values.teacher_temp)
-        if masks is None:
-            out = self.loss_fn(student.scores, teacher.scores, *temps, student.norms, teacher.norms, update_center=False)
-        else:
-            out = self.loss_fn(
-                student.scores, teacher.scores, student.patch_scores, teacher.patch_scores, masks,
-                *temps, values.teacher_patch_temp, student.norms, teacher.norms, student.patch_norms,
-                teacher.patch_norms, update_center=False,
+                teacher = self.teacher(crops[: self.num_global], return_patches="patches" in needs)
+            student = self.student(
+                crops, masks=masks, return_features="features" in needs, return_patches="patches" in needs
             )
-        return out, student
+        temps = Temperatures(self.cfg.loss.student_temp, values.teacher_temp, values.teacher_patch_temp)
+        return self.objective(student=student, teacher=teacher, temps=temps, masks=masks)
 
     def __call__(self, crops: Sequence[Tensor], step: int, total_steps: int) -> dict[str, float]:
         """One optimisation step on normalised float crops (global crops first)."""
         values = self.schedules.at(step, total_steps)
         apply_schedule(self.optimizer, values)
         masks = self.masks(crops, step)
-        out, student = self._loss(crops, masks, values)
-        loss = out.loss
-        parts = {"loss": loss.detach()}
-        koleo_weight = self.cfg.loss.koleo_weight
-        if koleo_weight > 0:  # DINOv2: on the student's global-crop features, summed over crops
-            koleo = sum(koleo_loss(f) for f in student.features[: self.num_global])
-            loss = loss + koleo_weight * koleo
-            parts.update(loss=loss.detach(), dino_loss=out.loss.detach(), koleo=koleo.detach())
-        if masks is not None:
-            parts.update(cls_loss=out.cls_loss, patch_loss=out.patch_loss)
+        out = self._loss(crops, masks, values)
+        parts = {"loss": out.loss.detach(), **{f"{name}_loss": part.detach() for name, part in out.parts.items()}}
         # one all-reduce; every worker sees a NaN anywhere
         means = dict(zip(parts, global_mean(torch.stack(list(parts.values()))).tolist()))
         if not math.isfinite(means["loss"]):  # nothing changed yet: weights, optimiser and center as before the step
             raise NonFiniteLossError(step, means["loss"])
-        self.loss_fn.commit_center()
+        self.objective.commit_center()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         clip = clip_gradients(self.student_module.parameters(), self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        if values.last_layer_frozen:  # after clipping, as DINO's cancel_gradients_last_layer
+            for name, param in self.student_module.named_parameters():
+                if is_last_layer(name):
+                    param.grad = None
         self.optimizer.step()
         ema_update(self.teacher, self.student_module, values.teacher_momentum)
         metrics = {
@@ -251,15 +223,8 @@ class DINOStep:
             "weight_decay": values.weight_decay,
             "teacher_momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temp,
-            "teacher_entropy": out.teacher_entropy.item(),
-            "mean_target_entropy": out.mean_target_entropy.item(),
             "grad_norm": clip.grad_norm,  # before clipping
             "grads_clipped": clip.clipped,
+            **{name: float(value) for name, value in out.metrics.items()},
         }
-        if out.center_norm is not None:
-            metrics["center_norm"] = out.center_norm.item()
-        if masks is not None:
-            metrics["teacher_patch_temp"] = values.teacher_patch_temp
-            metrics["patch_teacher_entropy"] = out.patch_teacher_entropy.item()
-            metrics["masked_share"] = float(torch.cat(masks).float().mean())
         return metrics

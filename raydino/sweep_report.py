@@ -16,15 +16,14 @@ import numpy as np
 import pandas as pd
 
 from raydino.eval.plots import plot_arm_values, plot_kappa_histogram, plot_usage_curves
-from raydino.pretrain import PROTOTYPE_ARRAYS
 from raydino.tables import format_cell, markdown_table, metric_column
-from raydino.tracking import RunLogger, search_runs
+from raydino.tracking import PROTOTYPE_ARRAYS, RunLogger, search_runs
 
 COLLAPSE_NATS = 0.1  # below this, targets are (nearly) the same for every sample
 
 
 def is_collapsed(teacher_entropy: float, mean_target_entropy: float, prototypes_in_use: float = math.nan) -> bool:
-    """Collapse as objective.md describes it: the teacher's targets no longer depend on the
+    """Collapse as docs/objective.md describes it: the teacher's targets no longer depend on the
     sample. H(mean target) - mean H(target) is the information the targets carry about the
     sample (zero for uniform *and* for one-hot-on-the-same-prototype collapse); a
     mean-target entropy near zero is the one-prototype case on its own; and a single

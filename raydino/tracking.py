@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.time import get_current_time_millis
 
 DEFAULT_DB = "mlflow.db"
+PROTOTYPE_ARRAYS = "eval/prototypes.npz"
+"""A run's artifact with kappa_student, kappa_teacher and usage arrays (written by pretrain, read by sweep plots)."""
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 _BATCH = 900  # below MLflow's 1000-item log_batch limit
 

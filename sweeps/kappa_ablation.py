@@ -27,7 +27,7 @@ from typing import Any
 
 from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
 
-from raydino.config import METHODS, Config, ConfigError, method_name, with_overrides
+from raydino.config import METHODS, Config, ConfigError, parse_method, with_overrides
 from raydino.registry import CENTERING_MODES
 
 PROTOTYPES = {"normalised": True, "unnormalised": False}
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data /data/imagenet/train --seeds 3 --teacher-temps 0.04 0.07",
     )
     add_common_arguments(parser, default_seeds=2)
-    parser.add_argument("--methods", nargs="+", type=method_name, choices=list(METHODS), default=["dino", "dino-vmf"],
+    parser.add_argument("--methods", nargs="+", type=parse_method, choices=list(METHODS), default=["dino", "dino-vmf"],
                         help="dino, dino-vmf, ibot, ibot-vmf (default: dino dino-vmf); more than one family "
                         "(dino, ibot) must come with and without vMF alike, as the arms are a grid")
     parser.add_argument("--prototypes", nargs="+", choices=sorted(PROTOTYPES), default=list(PROTOTYPES))

@@ -30,7 +30,7 @@ def ray_session() -> Iterator[str]:
     started = not ray.is_initialized()
     if started:
         # the dashboard stays on: without it, Train runs of trials stopped by ASHA can keep their
-        # resources (architecture.md) and later trials wait forever
+        # resources (docs/architecture.md) and later trials wait forever
         # address="local": a new instance even where another Ray on this machine (a test's simulated
         # cluster) left its address behind
         ray.init(address="local", num_cpus=8, log_to_driver=True, configure_logging=False)

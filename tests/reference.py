@@ -1,4 +1,4 @@
-"""Straightforward re-derivations of objective.md, in float64 numpy/scipy, for the tests."""
+"""Straightforward re-derivations of docs/objective.md, in float64 numpy/scipy, for the tests."""
 
 import numpy as np
 import scipy.special

@@ -18,13 +18,9 @@ from raydino.train.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from tests.tiny import TINY_NET
 
-TINY = [
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
-    "head.num_prototypes=32",
-    "head.hidden_dim=32",
-    "head.bottleneck_dim=16",
-]
+TINY = [*TINY_NET, "head.num_prototypes=32"]  # 64 prototypes is the other architecture below
 
 
 def _state(step_fn: DINOStep, **extra) -> TrainState:

@@ -1,15 +1,9 @@
 import pytest
 
 from raydino.cli import main
+from tests.tiny import TINY_RUN
 
-FAST = [
-    "optim.epochs=1",
-    "optim.warmup_epochs=0",
-    "optim.freeze_last_layer_epochs=0",
-    "loss.warmup_teacher_temp_epochs=0",
-    "data.batch_size_per_worker=16",
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
-]
+FAST = [*TINY_RUN, "optim.epochs=1", "data.batch_size_per_worker=16"]
 
 
 @pytest.mark.timeout(120)

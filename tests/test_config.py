@@ -1,6 +1,6 @@
 import pytest
 
-from raydino.config import PRESETS, Config, ConfigError, load_config
+from raydino.config import PRESETS, Config, ConfigError, flatten, load_config
 from raydino.registry import CENTERING_MODES
 
 
@@ -10,9 +10,18 @@ def test_default_is_cpu_demo():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_validate(preset):
+def test_a_preset_saved_as_yaml_loads_back_as_the_same_run(preset, tmp_path):
     cfg = load_config(preset=preset)
-    assert isinstance(cfg, Config)
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())  # what a checkpoint keeps as config.yaml
+    assert load_config(path).flat() == cfg.flat()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_state_only_what_differs_from_the_defaults(preset):
+    defaults, cfg = Config().flat(), load_config(preset=preset).flat()
+    restated = [key for key in flatten(PRESETS[preset]) if cfg[key] == defaults[key]]
+    assert restated == [], f"{preset} restates defaults: {restated}"
 
 
 def test_imagenet_recipes():
@@ -85,11 +94,12 @@ def test_flat_roundtrip_and_yaml():
 
 @pytest.mark.parametrize("mode", ["auto", *CENTERING_MODES])
 def test_every_centering_mode_a_config_accepts_builds_a_loss(mode):
-    from raydino.step import build_loss
+    from raydino.objectives import build_objective
 
     cfg = load_config(overrides=[f"loss.centering={mode}", "loss.method=ibot"])
-    loss = build_loss(cfg)
+    terms = build_objective(cfg).terms
     classes = {"logit": "LogitCentering", "probability": "ProbabilityCentering", "sinkhorn": "SinkhornCentering",
                "none": "NoCentering"}
-    assert type(loss.cls.centering).__name__ == classes[cfg.loss.centering]  # auto: cpu_demo is vMF, so probability
-    assert type(loss.patch_centering) is type(loss.cls.centering)
+    centering = terms["cls"].teacher.centering
+    assert type(centering).__name__ == classes[cfg.loss.centering]  # auto: cpu_demo is vMF, so probability
+    assert type(terms["patch"].teacher.centering) is type(centering)

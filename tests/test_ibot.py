@@ -12,7 +12,8 @@ from raydino.config import load_config
 from raydino.models import DINOHead, create_backbone, normalize_crops
 from raydino.models.masking import _add_block, block_mask, sample_masks
 from raydino.models.network import MultiCropNetwork, forward_tokens
-from raydino.objectives.ibot import IBOTLoss, masked_patch_cross_entropy
+from raydino.objectives import DINOTerm, IBOTPatchTerm, Objective, Temperatures, Views
+from raydino.objectives.ibot import masked_patch_cross_entropy
 from raydino.step import DINOStep
 
 TINY = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -110,8 +111,17 @@ def test_patch_loss_equals_a_loop_and_ignores_unmasked_positions():
 def test_ibot_vmf_equals_ibot_with_normalised_prototypes(centering):
     torch.manual_seed(0)
     k, p = 32, 16
-    ibot = IBOTLoss(k, k, p, vmf=False, centering=centering)
-    ibot_vmf = IBOTLoss(k, k, p, vmf=True, centering=centering)
+    def ibot_loss(vmf):
+        return Objective({"cls": (DINOTerm(k, p, vmf, centering), 1.0), "patch": (IBOTPatchTerm(k, p, vmf, centering), 1.0)})
+
+    def call(objective, s, t, sp, tp, masks, norms):
+        out = objective(student=Views(s, norms, patch_scores=sp, patch_norms=norms),
+                        teacher=Views(t, norms, patch_scores=tp, patch_norms=norms),
+                        temps=Temperatures(0.1, 0.04, 0.05), masks=masks)
+        objective.commit_center()
+        return out
+
+    ibot, ibot_vmf = ibot_loss(False), ibot_loss(True)
     norms = torch.ones(k)  # norm_last_layer=True: every kappa is the same
     for _ in range(3):  # over steps, so the centers (updated from vMF logits) must agree too
         s = [torch.randn(4, k) for _ in range(4)]
@@ -119,15 +129,14 @@ def test_ibot_vmf_equals_ibot_with_normalised_prototypes(centering):
         sp = [torch.randn(4, 9, k) for _ in range(2)]
         tp = [torch.randn(4, 9, k) for _ in range(2)]
         masks = [torch.rand(4, 9) < 0.5 for _ in range(2)]
-        args = (s, t, sp, tp, masks, 0.1, 0.04, 0.05)
-        a = ibot(*args, norms, norms, norms, norms)
-        b = ibot_vmf(*args, norms, norms, norms, norms)
+        args = (s, t, sp, tp, masks)
+        a = call(ibot, *args, norms)
+        b = call(ibot_vmf, *args, norms)
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(a.patch_loss, b.patch_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.parts["patch"], b.parts["patch"], rtol=1e-6, atol=1e-6)
     # and with unequal norms the vMF term matters
     uneven = torch.linspace(0.5, 2.0, k)
-    assert not torch.allclose(ibot(*args, uneven, uneven, uneven, uneven).loss,
-                              ibot_vmf(*args, uneven, uneven, uneven, uneven).loss)
+    assert not torch.allclose(call(ibot, *args, uneven).loss, call(ibot_vmf, *args, uneven).loss)
 
 
 def test_separate_patch_prototypes_have_their_own_norms():

@@ -54,10 +54,10 @@ def test_training_step_adds_the_weighted_term_and_its_gradient():
         metrics = step_fn(crops, 0, 5)
         grads[weight] = student.backbone.cls_token.grad.clone()
         if weight == 0:
-            assert "koleo" not in metrics
+            assert "koleo_loss" not in metrics
             dino_only = metrics["loss"]
-    assert metrics["loss"] == pytest.approx(metrics["dino_loss"] + 0.5 * metrics["koleo"], rel=1e-5)
-    assert metrics["dino_loss"] == pytest.approx(dino_only, rel=1e-5)  # same weights, same crops
+    assert metrics["loss"] == pytest.approx(metrics["cls_loss"] + 0.5 * metrics["koleo_loss"], rel=1e-5)
+    assert metrics["cls_loss"] == pytest.approx(dino_only, rel=1e-5)  # same weights, same crops
     assert not torch.allclose(grads[0.0], grads[0.5])  # the term reaches the backbone's gradient
     features = student(crops[:2], return_features=True).features
     assert len(features) == 2 and features[0].shape == (6, student.backbone.num_features)

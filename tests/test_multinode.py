@@ -13,6 +13,7 @@ import pytest
 JOB = Path(__file__).with_name("multinode_job.py")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(560)
 def test_two_node_run_survives_a_removed_node_and_a_killed_worker(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -24,18 +24,12 @@ from raydino.eval.evaluate import extract
 from raydino.export import load_teacher
 from raydino.pretrain import pretrain
 from raydino.tracking import TrackingError
+from tests.tiny import TINY_RUN
 
 TINY = [
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
-    "head.num_prototypes=64",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=16",
-    "data.crops.local_number=2",
+    *TINY_RUN,
     "data.batch_size_per_worker=16",
     "data.crop_batch_size=32",
-    "optim.warmup_epochs=0",
-    "optim.freeze_last_layer_epochs=0",
-    "loss.warmup_teacher_temp_epochs=0",
     "eval.max_images=120",
     "tracking.log_every_steps=2",
 ]
@@ -55,6 +49,7 @@ def trained(ray_session, tmp_path_factory):
     return tmp_path, pretrain(cfg, log=lambda _: None)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     tmp_path, summary = trained
@@ -97,6 +92,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_evaluate_and_export(trained, tmp_path, capsys):
     checkpoint = trained[1].result.checkpoint_dir
@@ -110,6 +106,7 @@ def test_cli_evaluate_and_export(trained, tmp_path, capsys):
     assert "not a raydino checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
     storage = tmp_path / "runs"
@@ -166,6 +163,7 @@ def _imagefolder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_path):
     root = _imagefolder(tmp_path / "folder")
@@ -215,6 +213,7 @@ def test_stream_has_spare_passes_for_skipped_files():
         assert 0.9 * stream_passes(epochs) >= epochs  # 10% of the files may turn out undecodable
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nan_skip_policy_stops_after_n_in_a_row(ray_session, tmp_path):
     from raydino.train.driver import PretrainError

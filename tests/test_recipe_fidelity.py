@@ -18,7 +18,7 @@ from raydino.models import DINOHead, normalize_crops
 from raydino.models.grad_clip import clip_gradients
 from raydino.models.masking import block_mask
 from raydino.objectives.centering import make_centering
-from raydino.objectives.dino import scaled_logits
+from raydino.objectives.teacher import scaled_logits
 from raydino.objectives.vmf import vmf_correction
 from raydino.step import DINOStep
 from tests.reference import NumpyAsPythonRandom, dino_clip_gradients, ibot_block_mask

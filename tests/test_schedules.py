@@ -68,3 +68,25 @@ def test_bad_steps_are_rejected():
 def test_config_schedules_use_scaled_lr():
     cfg = load_config(overrides=["data.batch_size_per_worker=128", "scaling.num_workers=4", "optim.base_lr=5e-4"])
     assert cfg.schedules().lr == pytest.approx(5e-4 * 512 / 256)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2])
+def test_per_step_schedules_equal_dinos_cosine_scheduler(warmup_epochs):
+    from tests.reference_loops import cosine_scheduler
+
+    epochs, niter = 10, 7
+    s = Schedules(
+        epochs=epochs, lr=1e-3, min_lr=1e-6, warmup_epochs=warmup_epochs, weight_decay=0.04, weight_decay_end=0.4,
+        momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=0,
+        freeze_last_layer_epochs=1,
+    )
+    total = epochs * niter
+    lr = cosine_scheduler(1e-3, 1e-6, epochs, niter, warmup_epochs=warmup_epochs)
+    wd = cosine_scheduler(0.04, 0.4, epochs, niter)
+    momentum = cosine_scheduler(0.996, 1, epochs, niter)
+    for step in range(total):
+        values = s.at(step, total)
+        assert values.lr == pytest.approx(lr[step], rel=1e-12, abs=1e-15)
+        assert values.weight_decay == pytest.approx(wd[step], rel=1e-12)
+        assert values.teacher_momentum == pytest.approx(momentum[step], rel=1e-12)
+        assert values.last_layer_frozen == (step < niter)  # DINO: epoch < freeze_last_layer

@@ -25,21 +25,15 @@ from raydino.sweep.bookkeeping import close_children
 from raydino.sweep.spec import arm_values
 from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
+from tests.tiny import TINY_RUN
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
 TINY = [
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
-    "head.num_prototypes=64",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=16",
-    "data.crops.local_number=2",
+    *TINY_RUN,
     "data.batch_size_per_worker=64",
     "data.crop_batch_size=64",
     "data.cpus_per_crop_actor=0.5",
-    "optim.warmup_epochs=0",
-    "optim.freeze_last_layer_epochs=0",
-    "loss.warmup_teacher_temp_epochs=0",
     "eval.max_images=100",
     "tracking.log_every_steps=3",
     "scaling.num_workers=1",
@@ -297,6 +291,7 @@ def _children(uri: str, experiment: str, parent_run_id: str):
     return client, client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_asha_sweep_stops_trials_ends_every_run_and_loses_no_metric(ray_session, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -361,6 +356,7 @@ def _kill_a_train_worker_after_a_checkpoint(runs: Path, killed: dict) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_failed_trials_are_retried_then_reported_while_others_finish(ray_session, tmp_path):
     """Two faults in one sweep, one trial at a time: a trial whose loss is NaN fails both attempts

@@ -5,21 +5,19 @@ import torch
 
 from raydino.config import load_config
 from raydino.models import normalize_crops
+from raydino.objectives import Temperatures, Views, build_objective
 from raydino.step import (
     DINOStep,
     NonFiniteGuard,
     NonFiniteLossError,
     TrainingDiverged,
-    build_loss,
     build_models,
     build_optimizer,
 )
+from tests.tiny import TINY_NET
 
 TINY = [
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
-    "head.num_prototypes=128",
-    "head.hidden_dim=64",
-    "head.bottleneck_dim=32",
+    *TINY_NET,
     "data.crops.local_number=4",
     "optim.epochs=5",
     "optim.warmup_epochs=1",
@@ -30,7 +28,8 @@ TINY = [
 def _setup(*overrides):
     cfg = load_config(overrides=TINY + list(overrides))
     student, teacher = build_models(cfg)
-    step = DINOStep(cfg, student, student, teacher, build_loss(cfg), build_optimizer(cfg, student), torch.device("cpu"))
+    step = DINOStep(cfg, student, student, teacher, build_objective(cfg), build_optimizer(cfg, student),
+                    torch.device("cpu"))
     return cfg, student, teacher, step
 
 
@@ -92,16 +91,17 @@ def test_bf16_autocast_outputs_are_scored_in_float32():
     cfg, student, teacher, _ = _setup("loss.vmf=true", "head.norm_last_layer=false")
     crops = _random_crops()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s_out = student(crops)
+        s_out = student(crops, return_features=True)  # the preset's KoLeo term reads them
         with torch.no_grad():
             t_out = teacher(crops[:2])
     student_scores, student_norms, teacher_scores, teacher_norms = s_out.scores, s_out.norms, t_out.scores, t_out.norms
     assert all(s.dtype == torch.bfloat16 for s in student_scores), "autocast must reach the head for this test to mean"
-    out = build_loss(cfg)(student_scores, teacher_scores, 0.1, 0.04, student_norms, teacher_norms)
+    temps = Temperatures(0.1, 0.04)
+    out = build_objective(cfg)(student=s_out, teacher=t_out, temps=temps)
     assert out.loss.dtype == torch.float32
-    upcast = build_loss(cfg)(
-        [s.float() for s in student_scores], [t.float() for t in teacher_scores], 0.1, 0.04,
-        student_norms.float(), teacher_norms.float(),
+    upcast = build_objective(cfg)(
+        student=Views([s.float() for s in student_scores], student_norms.float(), [f.float() for f in s_out.features]),
+        teacher=Views([t.float() for t in teacher_scores], teacher_norms.float()), temps=temps,
     )
     assert out.loss.item() == pytest.approx(upcast.loss.item(), rel=1e-6)
     out.loss.backward()
@@ -115,12 +115,12 @@ def test_a_nonfinite_step_leaves_the_center_untouched(centering):
     """The center absorbs a batch only once the loss is known finite: a skipped step leaves no NaN behind."""
     _, _, _, step_fn = _setup(f"loss.centering={centering}")
     step_fn(_random_crops(), 0, 5)
-    center = step_fn.loss_fn.centering.center.clone()
+    center = step_fn.objective.terms['cls'].teacher.centering.center.clone()
     crops = _random_crops()
     crops[0][0, 0, 0, 0] = float("nan")  # a teacher crop: NaN teacher logits
     with pytest.raises(NonFiniteLossError):
         step_fn(crops, 1, 5)
-    assert torch.equal(step_fn.loss_fn.centering.center, center)
+    assert torch.equal(step_fn.objective.terms['cls'].teacher.centering.center, center)
     assert torch.isfinite(torch.tensor(step_fn(_random_crops(), 2, 5)["loss"]))
 
 

@@ -1,4 +1,4 @@
-"""Prototype diagnostics (objective.md sections 6-7): how many prototypes are actually
+"""Prototype diagnostics (docs/objective.md sections 6-7): how many prototypes are actually
 used, and the spread of the vMF precisions kappa_k = ||w_k|| / tau. Utilisation must be
 measured because partial prototype collapse is known to happen at large K."""
 

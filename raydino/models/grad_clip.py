@@ -29,15 +29,17 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, mode: str = 
     grads = [p.grad for p in with_grad]
     if not grads:
         return ClipResult(0.0, 0)
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0).float() for g in grads])
-    total = torch.linalg.vector_norm(norms, 2.0)
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]  # each in its gradient's dtype, as DINO
+    total = torch.linalg.vector_norm(torch.stack([n.double() for n in norms]), 2.0)
     if max_norm <= 0:
         return ClipResult(float(total), 0)
     if mode == "per_param":
-        coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1.0 exactly where DINO leaves a gradient alone
-        for g, coef in zip(grads, coefs):
-            g.detach().mul_(coef.to(g.dtype))
-        return ClipResult(float(total), int((coefs < 1.0).sum()))
+        clipped = []
+        for g, norm in zip(grads, norms):
+            coef = max_norm / (norm + 1e-6)
+            clipped.append(coef < 1.0)
+            g.detach().mul_(coef.clamp(max=1.0))  # 1.0 exactly where DINO leaves a gradient alone
+        return ClipResult(float(total), int(torch.stack(clipped).sum()))
     if mode == "global":
         nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
         return ClipResult(float(total), int(float(total) > max_norm))

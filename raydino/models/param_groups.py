@@ -1,8 +1,10 @@
 """Optimizer parameter groups: weight decay on matrices only, last layer separate.
 
 Groups carry two flags that the schedules read each step: ``apply_weight_decay``
-and ``is_last_layer`` (whose learning rate is 0 while the last layer is frozen, the
-DINOv2 way, which stays correct under AMP and DDP).
+and ``is_last_layer`` (whose learning rate is 0 while the last layer is frozen). While
+frozen the step also drops the last layer's gradients, as DINO's
+``cancel_gradients_last_layer`` does, so AdamW keeps no moments for the prototypes until
+they train (with lr 0 alone the moments and the step count would run on).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from torch import nn
 LAST_LAYER_PREFIX = "head.last_layer."
 PATCH_LAST_LAYER_PREFIX = "head.patch_last_layer."  # iBOT's separate patch prototypes, frozen alike
 PROTOTYPE_GAIN_SUFFIX = "parametrizations.weight.original0"
+
+
+def is_last_layer(name: str) -> bool:
+    """The prototypes ([CLS] and iBOT's separate patch ones): what ``freeze_last_layer`` freezes."""
+    return name.startswith((LAST_LAYER_PREFIX, PATCH_LAST_LAYER_PREFIX))
 
 
 def param_groups(model: nn.Module, decay_prototype_norms: bool = True) -> list[dict[str, Any]]:
@@ -29,7 +36,7 @@ def param_groups(model: nn.Module, decay_prototype_norms: bool = True) -> list[d
             continue
         is_gain = name.endswith(PROTOTYPE_GAIN_SUFFIX)
         decay = decay_prototype_norms if is_gain else not (name.endswith(".bias") or param.ndim <= 1)
-        last = name.startswith((LAST_LAYER_PREFIX, PATCH_LAST_LAYER_PREFIX))
+        last = is_last_layer(name)
         groups.setdefault((decay, last), []).append(param)
     return [
         {"params": params, "apply_weight_decay": decay, "is_last_layer": last}

@@ -1,4 +1,4 @@
-"""Teacher-target centering: the four modes of objective.md section 4.
+"""Teacher-target centering: the four modes of docs/objective.md section 4.
 
 Every mode maps the teacher's *scaled* logits l (already divided by the teacher
 temperature, vMF correction included) to target probabilities, and keeps what it
@@ -59,7 +59,7 @@ class LogitCentering(Centering):
 
     @torch.no_grad()
     def update(self, logits: Tensor, temperature: float) -> None:
-        batch_center = global_batch_mean(logits.float() * temperature)
+        batch_center = global_batch_mean(logits.to(self.center.dtype) * temperature)
         self.center.mul_(self.momentum).add_(batch_center.unsqueeze(0), alpha=1.0 - self.momentum)
 
     def center_norm(self) -> Tensor:
@@ -83,7 +83,7 @@ class ProbabilityCentering(Centering):
 
     @torch.no_grad()
     def update(self, logits: Tensor, temperature: float) -> None:
-        usage = global_batch_mean(torch.softmax(logits.float(), dim=-1))
+        usage = global_batch_mean(torch.softmax(logits.to(self.center.dtype), dim=-1))
         self.center.mul_(self.momentum).add_(usage.unsqueeze(0), alpha=1.0 - self.momentum)
         # Guard log(0) for a prototype that no sample has used for a very long time.
         self.center.clamp_(min=torch.finfo(self.center.dtype).tiny)

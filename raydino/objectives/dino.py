@@ -1,42 +1,22 @@
-"""The DINO / DINO-vMF cross-view loss (objective.md sections 1 and 3).
+"""DINO's [CLS] term across views, and with ``vmf`` DINO-vMF's (docs/objective.md sections 1 and 3).
 
-The loss takes raw prototype scores z = w . y per crop, and, for DINO-vMF, the
-prototype norms ||w_k||, so that the log-normaliser log C_p(||w_k|| / tau) is
-added with each network's own temperature and gradients reach the student's norms.
-All arithmetic after the head runs in float32 at least.
+The term takes raw prototype scores z = w . y per crop and, for DINO-vMF, the prototype norms
+||w_k||, so that the log-normaliser log C_p(||w_k|| / tau) is added with each network's own
+temperature and gradients reach the student's norms. All arithmetic after the head runs in
+float32 at least.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from raydino.objectives.centering import entropy, make_centering
+from raydino.objectives.base import LossTerm, Outputs, Temperatures, TermOutput
+from raydino.objectives.centering import entropy
 from raydino.objectives.distributed import global_batch_mean
-from raydino.objectives.vmf import vmf_correction
-
-
-@dataclass
-class LossOutput:
-    """The loss and what is worth logging about the teacher targets."""
-
-    loss: Tensor
-    teacher_entropy: Tensor
-    """Mean entropy of the per-sample teacher targets (-> 0 or log K at collapse)."""
-    mean_target_entropy: Tensor
-    """Entropy of the batch-mean teacher target (-> 0 when one prototype takes all)."""
-    center_norm: Tensor | None
-
-
-def scaled_logits(scores: Tensor, temperature: float, correction: Tensor | None = None) -> Tensor:
-    """z / tau in float32 at least, plus the per-prototype vMF correction when given."""
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    if correction is None:
-        return scores / temperature
-    return torch.add(correction, scores, alpha=1.0 / temperature)  # one fused pass, as cheap as the division
+from raydino.objectives.teacher import TeacherTargets, VMFCorrection, student_log_probs
 
 
 def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs: Sequence[Tensor]) -> Tensor:
@@ -54,8 +34,11 @@ def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs:
     return loss / n_pairs
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between centred teacher targets and student predictions across views."""
+class DINOTerm(LossTerm):
+    """Cross-entropy between the teacher's centred targets on the global crops and the student's
+    predictions on every other crop. Metrics: ``teacher_entropy`` (mean entropy of the per-sample
+    targets: -> log K or 0 at collapse), ``mean_target_entropy`` (of the batch-mean target: -> 0 when
+    one prototype takes all) and ``center_norm``."""
 
     def __init__(
         self,
@@ -67,53 +50,29 @@ class DINOLoss(nn.Module):
         sinkhorn_iterations: int = 3,
     ) -> None:
         super().__init__()
-        self.vmf = vmf
-        self.bottleneck_dim = bottleneck_dim
-        self.centering = make_centering(centering, num_prototypes, center_momentum, sinkhorn_iterations)
-        self._pending_center: tuple[Tensor, float] | None = None
-
-    def commit_center(self) -> None:
-        """Absorb the teacher logits of the last ``forward`` into the center (all-reduced)."""
-        if self._pending_center is not None:
-            self.centering.update(*self._pending_center)
-            self._pending_center = None
-
-    def _correction(self, norms: Tensor | None, temperature: float) -> Tensor | None:
-        if not self.vmf:
-            return None
-        if norms is None:
-            raise ValueError("DINO-vMF needs the prototype norms of each network (head.prototype_norms())")
-        return vmf_correction(norms, temperature, self.bottleneck_dim)
+        self.teacher = TeacherTargets(num_prototypes, bottleneck_dim, vmf, centering, center_momentum,
+                                      sinkhorn_iterations, what="[CLS]")
+        self.student_correction = VMFCorrection(vmf, bottleneck_dim, "[CLS]")
 
     def forward(
-        self,
-        student_scores: Sequence[Tensor],
-        teacher_scores: Sequence[Tensor],
-        student_temp: float,
-        teacher_temp: float,
-        student_norms: Tensor | None = None,
-        teacher_norms: Tensor | None = None,
-        update_center: bool = True,
-    ) -> LossOutput:
-        """``student_scores``: one (B, K) tensor per crop, global crops first;
-        ``teacher_scores``: one per global crop. Updates the center after the loss, or with
-        ``update_center=False`` leaves that to ``commit_center()`` (a training step does so only
-        once the loss is known finite, so a skipped step leaves no NaN in the center)."""
-        if len(student_scores) < len(teacher_scores) or len(student_scores) < 2:
+        self, *, student: Outputs, teacher: Outputs, temps: Temperatures, masks: Sequence[Tensor] | None = None
+    ) -> TermOutput:
+        """``student.scores``: one (B, K) tensor per crop, global crops first; ``teacher.scores``:
+        one per global crop."""
+        n_global = len(teacher.scores)
+        if len(student.scores) < n_global or len(student.scores) < 2:
             raise ValueError("the student must see every teacher crop and at least two crops in all")
-        student_correction = self._correction(student_norms, student_temp)
-        student_log_probs = [
-            torch.log_softmax(scaled_logits(s, student_temp, student_correction), dim=-1) for s in student_scores
-        ]
+        correction = self.student_correction(student.norms, temps.student)
+        log_probs = [student_log_probs(s, temps.student, correction) for s in student.scores]
+        targets = self.teacher(torch.cat(list(teacher.scores)), temps.teacher, teacher.norms)
+        loss = cross_view_cross_entropy(targets.chunk(n_global), log_probs)
         with torch.no_grad():
-            teacher_correction = self._correction(teacher_norms, teacher_temp)
-            teacher_logits = scaled_logits(torch.cat(list(teacher_scores)), teacher_temp, teacher_correction)
-            targets = self.centering.targets(teacher_logits, teacher_temp)
-        loss = cross_view_cross_entropy(targets.chunk(len(teacher_scores)), student_log_probs)
-        with torch.no_grad():
-            teacher_entropy = entropy(targets).mean()
-            mean_target_entropy = entropy(global_batch_mean(targets))
-            self._pending_center = (teacher_logits, teacher_temp)
-        if update_center:
-            self.commit_center()
-        return LossOutput(loss, teacher_entropy, mean_target_entropy, self.centering.center_norm())
+            metrics = {"teacher_entropy": entropy(targets).mean(),
+                       "mean_target_entropy": entropy(global_batch_mean(targets))}
+            center_norm = self.teacher.center_norm()
+            if center_norm is not None:
+                metrics["center_norm"] = center_norm
+        return TermOutput(loss, metrics)
+
+    def commit(self) -> None:
+        self.teacher.commit()

@@ -1,23 +1,23 @@
-"""iBOT and iBOT-vMF (objective.md section 5): DINO's [CLS] loss plus masked patch prediction.
+"""iBOT's masked patch term, and with ``vmf`` iBOT-vMF's (docs/objective.md section 5).
 
-The patch loss compares, for each global view, the student's patch distributions (the
-view seen with mask tokens) with the teacher's (the same view unmasked), at the masked
-positions only. Patches have their own teacher temperature and their own center; with
-``vmf`` the log-normaliser of each prototype is added to the patch logits too, with the
-temperature of each network, and both centers are probability centers by default.
+For each global view, the student's patch distributions (the view seen with mask tokens)
+against the teacher's (the same view unmasked), at the masked positions only. Patches have
+their own teacher temperature and their own center; with ``vmf`` the log-normaliser of each
+prototype is added to the patch logits too, with the temperature of each network. DINO's
+[CLS] term (``raydino.objectives.dino``) is the other half of iBOT.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from raydino.objectives.centering import entropy, make_centering
-from raydino.objectives.dino import DINOLoss, LossOutput, scaled_logits
-from raydino.objectives.vmf import vmf_correction
+from raydino.objectives.base import LossTerm, Outputs, Temperatures, TermOutput
+from raydino.objectives.centering import entropy
+from raydino.objectives.teacher import TeacherTargets, VMFCorrection, student_log_probs
 
 
 def masked_patch_cross_entropy(
@@ -37,98 +37,45 @@ def masked_patch_cross_entropy(
     return total / len(masks)
 
 
-@dataclass
-class IBOTLossOutput(LossOutput):
-    cls_loss: Tensor | None = None
-    patch_loss: Tensor | None = None
-    patch_teacher_entropy: Tensor | None = None
+class IBOTPatchTerm(LossTerm):
+    """The masked patch loss. Metrics: ``patch_teacher_entropy``, ``masked_share``, ``teacher_patch_temp``."""
 
-
-class IBOTLoss(nn.Module):
-    """lambda1 * DINO's [CLS] loss + lambda2 * the masked patch loss, each with its own center."""
+    needs: ClassVar[frozenset[str]] = frozenset({"patches", "masks"})
 
     def __init__(
         self,
-        num_prototypes: int,
         num_patch_prototypes: int,
         bottleneck_dim: int,
         vmf: bool = False,
         centering: str = "logit",
-        patch_centering: str | None = None,
         center_momentum: float = 0.9,
         sinkhorn_iterations: int = 3,
-        lambda1: float = 1.0,
-        lambda2: float = 1.0,
     ) -> None:
         super().__init__()
-        self.cls = DINOLoss(num_prototypes, bottleneck_dim, vmf, centering, center_momentum, sinkhorn_iterations)
-        self.patch_centering = make_centering(
-            patch_centering or centering, num_patch_prototypes, center_momentum, sinkhorn_iterations
-        )
-        self.vmf, self.bottleneck_dim = vmf, bottleneck_dim
-        self.lambda1, self.lambda2 = lambda1, lambda2
-        self._pending_patch_center: tuple[Tensor, float] | None = None
-
-    def commit_center(self) -> None:
-        """Absorb the last batch into both centers (after the loss is known finite)."""
-        self.cls.commit_center()
-        if self._pending_patch_center is not None:
-            self.patch_centering.update(*self._pending_patch_center)
-            self._pending_patch_center = None
-
-    def _correction(self, norms: Tensor | None, temperature: float) -> Tensor | None:
-        if not self.vmf:
-            return None
-        if norms is None:
-            raise ValueError("iBOT-vMF needs the patch prototype norms of each network (head.patch_prototype_norms())")
-        return vmf_correction(norms, temperature, self.bottleneck_dim)
+        self.teacher = TeacherTargets(num_patch_prototypes, bottleneck_dim, vmf, centering, center_momentum,
+                                      sinkhorn_iterations, what="patch")
+        self.student_correction = VMFCorrection(vmf, bottleneck_dim, "patch")
 
     def forward(
-        self,
-        student_scores: Sequence[Tensor],
-        teacher_scores: Sequence[Tensor],
-        student_patch_scores: Sequence[Tensor],
-        teacher_patch_scores: Sequence[Tensor],
-        masks: Sequence[Tensor],
-        student_temp: float,
-        teacher_temp: float,
-        teacher_patch_temp: float,
-        student_norms: Tensor | None = None,
-        teacher_norms: Tensor | None = None,
-        student_patch_norms: Tensor | None = None,
-        teacher_patch_norms: Tensor | None = None,
-        update_center: bool = True,
-    ) -> IBOTLossOutput:
-        """[CLS] scores as for ``DINOLoss``; patch scores (B, N, K') and masks per global view, the
-        student's from the masked views, the teacher's from the same views unmasked."""
-        if not len(student_patch_scores) == len(teacher_patch_scores) == len(masks):
+        self, *, student: Outputs, teacher: Outputs, temps: Temperatures, masks: Sequence[Tensor] | None = None
+    ) -> TermOutput:
+        """Patch scores (B, N, K') and a mask per global view: the student's from the masked views,
+        the teacher's from the same views unmasked."""
+        if masks is None or student.patch_scores is None or teacher.patch_scores is None:
+            raise ValueError("the iBOT patch term needs masks and the patch scores of both networks")
+        if not len(student.patch_scores) == len(teacher.patch_scores) == len(masks):
             raise ValueError("one student patch score, teacher patch score and mask per global view")
-        cls = self.cls(
-            student_scores, teacher_scores, student_temp, teacher_temp, student_norms, teacher_norms, update_center=False
-        )
-        student_correction = self._correction(student_patch_norms, student_temp)
-        student_log_probs = [
-            torch.log_softmax(scaled_logits(s, student_temp, student_correction), dim=-1) for s in student_patch_scores
-        ]
+        correction = self.student_correction(student.patch_norms, temps.student)
+        log_probs = [student_log_probs(s, temps.student, correction) for s in student.patch_scores]
+        shape = teacher.patch_scores[0].shape
+        flat = torch.cat([t.reshape(-1, shape[-1]) for t in teacher.patch_scores])  # every position is a row
+        targets = self.teacher(flat, temps.teacher_patch, teacher.patch_norms)
+        loss = masked_patch_cross_entropy([t.view(shape) for t in targets.chunk(len(masks))], log_probs, masks)
         with torch.no_grad():
-            shape = teacher_patch_scores[0].shape
-            flat = torch.cat([t.reshape(-1, shape[-1]) for t in teacher_patch_scores])  # every position is a row
-            teacher_logits = scaled_logits(flat, teacher_patch_temp, self._correction(teacher_patch_norms, teacher_patch_temp))
-            targets = self.patch_centering.targets(teacher_logits, teacher_patch_temp)
-            self._pending_patch_center = (teacher_logits, teacher_patch_temp)
-        patch = masked_patch_cross_entropy(
-            [t.view(shape) for t in targets.chunk(len(teacher_patch_scores))], student_log_probs, masks
-        )
-        if update_center:
-            self.commit_center()
-        with torch.no_grad():
-            patch_entropy = entropy(targets).mean()
-        return IBOTLossOutput(
-            loss=self.lambda1 * cls.loss + self.lambda2 * patch,
-            teacher_entropy=cls.teacher_entropy,
-            mean_target_entropy=cls.mean_target_entropy,
-            center_norm=cls.center_norm,
-            cls_loss=cls.loss.detach(),
-            patch_loss=patch.detach(),
-            patch_teacher_entropy=patch_entropy,
-        )
+            metrics = {"patch_teacher_entropy": entropy(targets).mean(),
+                       "masked_share": torch.cat([m.flatten() for m in masks]).float().mean(),
+                       "teacher_patch_temp": torch.tensor(temps.teacher_patch)}
+        return TermOutput(loss, metrics)
+
+    def commit(self) -> None:
+        self.teacher.commit()

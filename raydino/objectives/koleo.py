@@ -8,8 +8,13 @@ centering turns into uniform targets on small, low-diversity data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import ClassVar
+
 import torch
 from torch import Tensor
+
+from raydino.objectives.base import LossTerm, Outputs, Temperatures, TermOutput
 
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
@@ -26,3 +31,17 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
     # eps inside the norm (as torch's PairwiseDistance): exact duplicates keep a finite gradient
     distance = (x - x[neighbour] + eps).norm(dim=-1)
     return -torch.log(distance + eps).mean()
+
+
+class KoLeoTerm(LossTerm):
+    """DINOv2's use: KoLeo of the student's backbone features of each global crop, summed over crops."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"features"})
+
+    def forward(
+        self, *, student: Outputs, teacher: Outputs, temps: Temperatures, masks: Sequence[Tensor] | None = None
+    ) -> TermOutput:
+        if student.features is None:
+            raise ValueError("the KoLeo term needs the student's features (return_features=True)")
+        n_global = len(teacher.scores)  # the crops the teacher sees
+        return TermOutput(sum(koleo_loss(f) for f in student.features[:n_global]))

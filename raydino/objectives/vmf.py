@@ -11,7 +11,7 @@ Bessel function is used in float64 (the "exact path").
 
 The backward pass is the closed form d log C_p / d kappa = -A_p(kappa), with
 A_p = I_(p/2) / I_(p/2 - 1) the Bessel ratio, not autograd through the series.
-See shared/design/objective.md, section 3.
+See docs/objective.md, section 3.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def vmf_correction(prototype_norms: Tensor, temperature: float, dim: int) -> Ten
 
 
 def vmf_logits(scores: Tensor, prototype_norms: Tensor, temperature: float, dim: int) -> Tensor:
-    """DINO-vMF logits l_k = w_k . y / tau + log C_p(||w_k|| / tau)  (objective.md section 3).
+    """DINO-vMF logits l_k = w_k . y / tau + log C_p(||w_k|| / tau)  (docs/objective.md section 3).
 
     ``scores`` are the raw prototype scores w_k . y, shape (..., K); ``prototype_norms``
     is ||w_k||, shape (K,). Up to a constant that cancels in the softmax.

@@ -1,6 +1,6 @@
 """One trial: the Tune function trainable that runs a whole tracked pretraining.
 
-The Ray 2.60 pattern (architecture.md): the trainable builds and fits a ``TorchTrainer``
+The Ray 2.60 pattern (docs/architecture.md): the trainable builds and fits a ``TorchTrainer``
 whose Train run is named after the trial id (so a retried trial resumes from its own
 checkpoint) and whose ``TuneReportCallback`` forwards the per-epoch reports (``knn_top1``,
 ``epoch`` ...) to Tune, where ASHA can stop it early.

@@ -1,0 +1,100 @@
+"""Named starting points for a run: each lists only what differs from the config defaults.
+
+The defaults (``raydino.config``) are DINO's ``main_dino.py``: ViT-S/16, 65,536 prototypes,
+teacher temperature 0.04 without warm-up, lr 5e-4 per 256 images, per-parameter clipping at
+3.0. The ImageNet presets follow the published DINO and iBOT run commands; ``cpu_demo`` is
+the laptop-sized run behind ``make demo``. A test checks that no preset restates a default.
+Plain data, no imports: ``raydino.config`` validates a preset when it is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_IMAGENET = {"source": "imagefolder", "path": "/data/imagenet/train"}
+_GPU_WORKERS = {"num_workers": 16, "use_gpu": True, "cpus_per_worker": 8}
+
+# iBOT's published recipes (github.com/bytedance/ibot, README run commands): 8192 prototypes shared
+# by [CLS] and patches, 10 local crops, half the images masked at a ratio in (0.1, 0.5) (pred_ratio
+# 0 0.3, pred_ratio_var 0 0.2: the mask defaults), patch teacher 0.04 -> 0.07 (the defaults); lr,
+# weight decay and momentum at DINO's defaults, as iBOT's run commands leave them
+_IBOT_HEAD = {"num_prototypes": 8192}
+_IBOT_CROPS = {"local_number": 10}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet_vit_small": {  # DINO ViT-S/16, 100 epochs (README: teacher 0.07 warmed up over 30 epochs)
+        "data": _IMAGENET,
+        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
+        "scaling": _GPU_WORKERS,
+    },
+    "imagenet_vit_base": {  # DINO ViT-B/16, 400 epochs
+        "model": {"name": "vit_base_patch16_224"},
+        "data": {
+            **_IMAGENET,
+            "batch_size_per_worker": 32,
+            "crops": {"local_number": 10, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]},
+        },
+        "optim": {"epochs": 400, "base_lr": 7.5e-4 * 256 / 1024, "min_lr": 2e-6, "freeze_last_layer_epochs": 3},
+        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
+        "scaling": {**_GPU_WORKERS, "num_workers": 32},
+    },
+    "imagenet_ibot_vit_small": {
+        "head": {**_IBOT_HEAD, "norm_last_layer": False},
+        "loss": {"method": "ibot", "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
+        "data": {**_IMAGENET, "crops": {**_IBOT_CROPS, "global_scale": [0.25, 1.0], "local_scale": [0.05, 0.25]}},
+        "optim": {"epochs": 800},
+        "scaling": _GPU_WORKERS,
+    },
+    "imagenet_ibot_vit_base": {
+        "model": {"name": "vit_base_patch16_224"},
+        "head": _IBOT_HEAD,
+        "loss": {"method": "ibot", "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 50},
+        "data": {**_IMAGENET, "crops": {**_IBOT_CROPS, "global_scale": [0.32, 1.0], "local_scale": [0.05, 0.32]}},
+        "optim": {"epochs": 400, "freeze_last_layer_epochs": 3},
+        "scaling": _GPU_WORKERS,
+    },
+    "cpu_demo": {
+        "model": {
+            "name": "vit_tiny_patch16_224",
+            # digits are 8x8 images: 16 px in 4 px patches (2x2 source pixels each) learns as
+            # much per step as 32 px at a quarter of the tokens; with batched multi-crop, 30
+            # epochs fit the 5 minutes on 2 cores
+            "img_size": 16,
+            "drop_path_rate": 0.0,
+            "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        },
+        "head": {"num_prototypes": 1024, "hidden_dim": 512, "bottleneck_dim": 64, "norm_last_layer": False},
+        "loss": {
+            "vmf": True,  # centering auto: probability (DINO-vMF's); --method dino gives DINO's logit centering
+            # tiny 8x8 digits give near-identical initial features, and DINO alone collapses on
+            # them (uniform targets); a sharper teacher (0.02 -> 0.04) plus KoLeo keeps the batch spread
+            "warmup_teacher_temp": 0.02,
+            "warmup_teacher_temp_epochs": 2,
+            "koleo_weight": 1.0,
+        },
+        "data": {
+            # batched multi-crop at 16 px costs little per image, so Ray Data's per-call cost
+            # counts: 256 images per actor call ran 1.5x the images/s of 64 (benchmarks/multicrop.py)
+            "crop_batch_size": 256,
+            "crops": {
+                "global_size": 16,
+                "local_size": 8,
+                "local_number": 4,
+                "local_scale": [0.1, 0.4],
+                # DINO's 0.1-2 px blur is sized for 224 px crops; on 16 px and 8 px crops it would erase
+                # the digit, so the demo scales sigma with the crop (0.007-0.14 px at 16 px)
+                "blur_sigma_per_224px": True,
+            },
+        },
+        "optim": {
+            "epochs": 30,
+            "base_lr": 2e-3,
+            "min_lr": 1e-5,
+            "warmup_epochs": 1,
+            "momentum_teacher": 0.99,
+            "weight_decay_end": 0.1,
+            "clip_mode": "global",  # the demo's tuned value: the whole student's gradient norm at 3.0
+        },
+    },
+}
+DEFAULT_PRESET = "cpu_demo"

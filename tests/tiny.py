@@ -1,0 +1,16 @@
+"""The tiny network and schedule the tests run with, in one place (dotted config overrides)."""
+
+TINY_NET = [
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "head.num_prototypes=64",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=16",
+    "data.crops.local_number=2",
+]
+NO_WARMUP = [
+    "optim.warmup_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "loss.warmup_teacher_temp_epochs=0",
+]
+TINY_RUN = [*TINY_NET, *NO_WARMUP]
+"""A tiny network with every warm-up and freeze off: what the end-to-end runs train."""
