@@ -11,6 +11,7 @@ modes) come from ``raydino.registry``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -165,13 +166,26 @@ class DataConfig(_Section):
     path: str | None = Field(None, description="directory for the file sources (imagefolder, images)")
     batch_size_per_worker: int = Field(64, ge=1)
     crops: CropsConfig = Field(default_factory=CropsConfig)
-    num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop")
+    num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop (a fixed pool)")
+    crop_actors_per_worker: tuple[float, float] | None = Field(
+        None,
+        description="an autoscaling pool instead: (min, max) crop actors per train worker; Ray Data grows it "
+        "while the trainers wait on crops, up to max",
+    )
     cpus_per_crop_actor: float = Field(1.0, gt=0.0)
     crop_actor_resources: dict[str, float] = Field(
         default_factory=dict,
         description="extra Ray resources per crop actor, e.g. {data_node: 1} to keep them on CPU-only nodes",
     )
     crop_batch_size: int = Field(64, ge=1, description="images per multi-crop actor call")
+
+    @model_validator(mode="after")
+    def _pool(self) -> DataConfig:
+        if self.crop_actors_per_worker is not None:
+            lo, hi = self.crop_actors_per_worker
+            if not 0.0 < lo <= hi <= 1024:
+                raise ValueError(f"data.crop_actors_per_worker=({lo}, {hi}): need 0 < min <= max <= 1024")
+        return self
     shuffle_buffer_batches: int = Field(4, ge=0, description="local shuffle buffer, in training batches")
 
     @model_validator(mode="after")
@@ -294,6 +308,15 @@ class Config(_Section):
                         f"(docs/objective.md section 4); leave {key}=auto (probability) to run DINO-vMF as the paper does"
                     )
         return out
+
+    def crop_pool(self) -> tuple[int, int]:
+        """(min, max) multi-crop actors: fixed at ``data.num_crop_actors``, or ``data.crop_actors_per_worker``
+        times the train workers (at least one actor)."""
+        if self.data.crop_actors_per_worker is None:
+            return self.data.num_crop_actors, self.data.num_crop_actors
+        lo, hi = self.data.crop_actors_per_worker
+        workers = self.scaling.num_workers
+        return max(1, math.ceil(lo * workers - 1e-9)), max(1, math.ceil(hi * workers - 1e-9))
 
     @property
     def global_batch_size(self) -> int:

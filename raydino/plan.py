@@ -51,13 +51,28 @@ def check_data_path(cfg: Config) -> None:
         raise FileNotFoundError(f"data path {str(path)!r} does not exist or is not a directory; expected {layout}")
 
 
+def standard_eval_paths(cfg: Config) -> dict[str, str]:
+    """ImageNet's standard layout, ``<root>/train/<class>/...`` beside ``<root>/val/<class>/...``: kNN on
+    them by default (``eval.train_path`` the training folder, ``eval.test_path`` its ``val`` sibling)
+    when the run trains on ``<root>/train`` and sets neither eval path; {} otherwise."""
+    if cfg.data.source != "imagefolder" or cfg.eval.train_path or cfg.eval.test_path or not cfg.data.path:
+        return {}
+    train = Path(cfg.data.path).expanduser()
+    val = train.parent / "val"
+    if train.name != "train" or not val.is_dir() or not any(p.is_dir() for p in val.iterdir()):
+        return {}
+    return {"eval.train_path": str(train), "eval.test_path": str(val)}
+
+
 def plan_run(cfg: Config, tracking_uri: str | None = None, mlflow_run_id: str | None = None) -> RunPlan:
     """Resolve the run name and storage (created and checked writable, or a remote URI kept as is),
-    check the data path, and record them in the config that is logged and checkpointed."""
+    check the data path, find the standard train/val layout for kNN, and record them in the config
+    that is logged and checkpointed."""
     check_data_path(cfg)
     run_name = cfg.tracking.run_name or default_run_name(cfg)
     storage = resolve_storage(cfg.checkpoint.storage_path)
-    updates: dict[str, object] = {"tracking.run_name": run_name, "checkpoint.storage_path": storage}
+    updates: dict[str, object] = {"tracking.run_name": run_name, "checkpoint.storage_path": storage,
+                                  **standard_eval_paths(cfg)}
     if tracking_uri is not None:
         updates["tracking.uri"] = tracking_uri
     return RunPlan(with_overrides(cfg, updates), run_name, storage, tracking_uri, mlflow_run_id)

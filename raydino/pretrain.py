@@ -19,6 +19,7 @@ import torch
 
 from raydino.config import Config
 from raydino.data.eval_data import load_eval_data
+from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network, evaluate_with_usage
 from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
 from raydino.eval.prototypes import kappa_statistics
@@ -45,11 +46,15 @@ class FinalEvaluation:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def final_evaluation(checkpoint_dir: Path, cfg: Config, plots_dir: Path) -> FinalEvaluation:
+def final_evaluation(
+    checkpoint_dir: Path, cfg: Config, plots_dir: Path, eval_data: EvalData | None = None
+) -> FinalEvaluation:
     """kNN (k = 10, 20, 100), linear probe, prototypes and kappa of the final teacher,
-    the same kNN for the random initialisation, and the plots."""
+    the same kNN for the random initialisation, and the plots. ``eval_data``: the arrays the run
+    already loaded (loaded here only when the run did not)."""
     teacher, _, state = load_teacher(checkpoint_dir)
-    eval_data = load_eval_data(cfg)
+    if eval_data is None:
+        eval_data = load_eval_data(cfg)
     metrics: dict[str, float] = {}
     random_init: dict[str, float] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -132,13 +137,13 @@ def pretrain(
         log(f"raydino: continuing MLflow run {run_id} (attempt {attempt})")
     try:
         result = run_pretraining(plan, log=log, run_callbacks=run_callbacks)
-        logger.log_metrics({"skipped_images": result.skipped_images}, result.steps)
+        logger.log_metrics({"skipped_images": result.skipped_images, **result.crop_stats}, result.steps)
         final = FinalEvaluation({}, {})
         export_path = None
         if result.checkpoint_dir is not None:
             with tempfile.TemporaryDirectory(prefix="raydino-artifacts-") as tmp:
                 plots = Path(tmp) / "plots"
-                final = final_evaluation(result.checkpoint_dir, cfg, plots)
+                final = final_evaluation(result.checkpoint_dir, cfg, plots, result.eval_data)
                 history = logger.metric_history("loss")
                 if history:
                     plot_loss_curve(*zip(*history), plots / "loss_curve.png")

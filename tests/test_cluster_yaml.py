@@ -126,14 +126,23 @@ def test_cpu_worker_type_for_ray_data(config):
     assert sum(t["max_workers"] for t in _workers(config).values()) <= config["max_workers"]
 
 
-def test_docker_image_is_the_installed_ray_gpu_image(config):
+DOCKERFILE = Path(__file__).resolve().parent.parent / "docker" / "Dockerfile"
+
+
+def test_nodes_run_an_image_with_the_dependencies_and_install_only_the_checkout(config):
+    """The node image is built from docker/Dockerfile on the installed Ray's GPU image, with the project's
+    dependencies baked in; a node start installs the synced checkout with --no-deps (no torch download)."""
     docker = config["docker"]
     images = [docker["image"], docker.get("head_image"), docker.get("worker_image")]
     images += [t.get("docker", {}).get("worker_image") for t in _types(config).values()]
-    for image in filter(None, images):
-        match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-(gpu|cu\d+)", image)
-        assert match, f"{image} is not a versioned rayproject/ray GPU image"
-        assert match.group(1) == ray.__version__
+    assert all(image.endswith("/raydino:" + f"{ray.__version__}-py311-gpu") for image in filter(None, images))
+    dockerfile = DOCKERFILE.read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-(gpu|cu\d+)", base)
+    assert match and match.group(1) == ray.__version__, f"{base} is not the installed Ray's GPU image"
+    assert re.search(r"pip install --no-cache-dir /tmp/raydino", dockerfile)  # the declared dependencies
+    installs = [c for c in config["setup_commands"] if "pip install" in c]
+    assert installs and all("--no-deps" in c for c in installs)
 
 
 def test_every_container_sets_shm_size(config):
@@ -153,7 +162,7 @@ def test_setup_installs_raydino_on_every_node(raw, config):
     remote = [dst for dst, src in config["file_mounts"].items() if Path(src) == Path(".")]
     assert remote, "the checkout is synced with file_mounts"
     for key in ("head_setup_commands", "worker_setup_commands"):  # setup_commands merged into both
-        assert any(re.search(rf"pip install -e {re.escape(remote[0])}\b", c) for c in config[key]), key
+        assert any(re.search(rf"pip install (--no-deps )?-e {re.escape(remote[0])}\b", c) for c in config[key]), key
     for name, t in _types(raw).items():  # a node type's own list would replace the merged one
         assert "worker_setup_commands" not in t, name
 

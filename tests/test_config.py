@@ -103,3 +103,12 @@ def test_every_centering_mode_a_config_accepts_builds_a_loss(mode):
     centering = terms["cls"].teacher.centering
     assert type(centering).__name__ == classes[cfg.loss.centering]  # auto: cpu_demo is vMF, so probability
     assert type(terms["patch"].teacher.centering) is type(centering)
+
+
+def test_the_crop_pool_is_fixed_or_scales_with_the_train_workers():
+    assert load_config(overrides=["data.num_crop_actors=3"]).crop_pool() == (3, 3)
+    pooled = load_config(overrides=["data.crop_actors_per_worker=[0.5, 2.5]", "scaling.num_workers=3"])
+    assert pooled.crop_pool() == (2, 8)  # ceil(1.5), ceil(7.5)
+    assert load_config(preset="imagenet_vit_base").crop_pool() == (32, 256)  # 1 to 8 per worker, 32 workers
+    with pytest.raises(ConfigError, match=r"crop_actors_per_worker=\(2.0, 1.0\): need 0 < min <= max"):
+        load_config(overrides=["data.crop_actors_per_worker=[2, 1]"])

@@ -56,3 +56,20 @@ def test_every_registered_source_is_a_config_choice_and_file_sources_need_a_path
 def test_an_unregistered_implementation_fails_at_import():
     with pytest.raises(ImportError, match="not implemented \\['b'\\], not registered \\['c'\\]"):
         require_all({"a": 1, "b": 2}, ["a", "c"], "things")
+
+
+def test_the_standard_train_val_layout_gives_a_knn_by_default(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    train = tmp_path / "imagenet" / "train"
+    plan = plan_run(load_config(preset="imagenet_vit_small", overrides=[f"data.path={train}",
+                                                                         f"checkpoint.storage_path={tmp_path}/runs"]))
+    assert (plan.cfg.eval.train_path, plan.cfg.eval.test_path) == (str(train), str(tmp_path / "imagenet" / "val"))
+    explicit = plan_run(load_config(overrides=["data.source=imagefolder", f"data.path={train}",
+                                               f"eval.train_path={train}", f"eval.test_path={train}",
+                                               f"checkpoint.storage_path={tmp_path}/runs"]))
+    assert explicit.cfg.eval.test_path == str(train)  # the user's choice stands
+    (tmp_path / "flat" / "train" / "a").mkdir(parents=True)
+    flat = plan_run(load_config(overrides=["data.source=imagefolder", f"data.path={tmp_path / 'flat' / 'train'}",
+                                           f"checkpoint.storage_path={tmp_path}/runs"]))
+    assert flat.cfg.eval.test_path is None  # no val folder beside it: no kNN unless the user sets one

@@ -18,12 +18,14 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 
+import raydino.pretrain as pretrain_module
 from raydino.cli import main
 from raydino.config import load_config, with_overrides
 from raydino.eval.evaluate import extract
 from raydino.export import load_teacher
 from raydino.pretrain import pretrain
 from raydino.tracking import TrackingError
+from raydino.train import driver
 from tests.tiny import TINY_RUN
 
 TINY = [
@@ -46,7 +48,13 @@ def trained(ray_session, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e",
                f"checkpoint.storage_path={tmp_path / 'runs'}", "loss.method=ibot", "loss.vmf=true")
-    return tmp_path, pretrain(cfg, log=lambda _: None)
+    loads = []
+    with pytest.MonkeyPatch.context() as mp:  # count the evaluation-data loads of the whole run
+        for module in (driver, pretrain_module):
+            mp.setattr(module, "load_eval_data", lambda *a, _f=module.load_eval_data, **k: loads.append(1) or _f(*a, **k))
+        summary = pretrain(cfg, log=lambda _: None)
+    assert len(loads) == 1, "the evaluation data is loaded once per run (the final evaluation reuses it)"
+    return tmp_path, summary
 
 
 @pytest.mark.slow

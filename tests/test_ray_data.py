@@ -190,3 +190,27 @@ def test_epoch_stream_every_pass_holds_every_row_once_with_its_own_crops(ray_ses
 def test_epoch_stream_rejects_zero_epochs(ray_session: None) -> None:
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         epoch_stream(ray.data.range(1), 0)
+
+
+@pytest.mark.timeout(90)
+def test_an_autoscaling_crop_pool_stays_in_its_bounds_and_is_metered(ray_session: None) -> None:
+    """Ray Data's autoscaling actor pool (min 1, max 3) crops every row once, with the same crops as a
+    fixed pool; the meter says how many actors worked and how fast."""
+    from raydino.data.clock import start_crop_meter
+
+    data = _arrays(48)
+    source = array_dataset(data, rows_per_block=4)
+    meter = start_crop_meter()
+    try:
+        pooled = _crop_digests(
+            multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=(1, 3), batch_size=4, cpus_per_actor=0.5,
+                              meter=meter)
+        )
+        stats = ray.get(meter.summary.remote(), timeout=30)
+    finally:
+        ray.kill(meter)
+    assert pooled == _crop_digests(multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=1, batch_size=8))
+    assert 1 <= stats["crop_actors_used"] <= 3
+    assert stats["cropped_images"] == len(data) and stats["crop_images_per_second_per_actor"] > 0
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=(3, 1), batch_size=4)

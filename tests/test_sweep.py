@@ -22,7 +22,7 @@ from raydino.sweep import (
     validate_space,
 )
 from raydino.sweep.bookkeeping import close_children
-from raydino.sweep.spec import arm_values
+from raydino.sweep.spec import arm_values, cluster_capacity
 from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
 from tests.tiny import TINY_RUN
@@ -99,6 +99,19 @@ def test_max_concurrent_trials_from_cluster_resources():
     assert derive_max_concurrent([cpu, gpu], 1.0, {"CPU": 64, "GPU": 8}) == 2  # sized for the largest trial
     with pytest.raises(ConfigError, match="needs 4 GPU"):  # would wait forever
         derive_max_concurrent([gpu], 1.0, {"CPU": 64, "GPU": 2})
+
+
+def test_a_fresh_autoscaling_cluster_counts_the_nodes_it_can_add(tmp_path):
+    """On a `ray up` cluster of the shipped cluster.yaml (its bootstrap config on the head) no worker
+    node is up at first: the head has CPU 0 and no GPU. Trials are sized from what it can grow to."""
+    capacity = cluster_capacity({"CPU": 0.0, "memory": 1e9}, SWEEPS.parent / "cluster.yaml")
+    assert capacity["GPU"] == 8 * 8 and capacity["CPU"] == 8 * 96 + 8 * 64 and capacity["data_node"] == 8 * 64
+    base = load_config(preset="imagenet_vit_base")  # 32 GPU workers per trial
+    assert derive_max_concurrent([base], 1.0, capacity) == 2
+    too_big = with_overrides(base, {"scaling.num_workers": 128})
+    with pytest.raises(ConfigError, match="needs 128 GPU.*can grow to, 64"):
+        derive_max_concurrent([too_big], 1.0, capacity)
+    assert cluster_capacity({"CPU": 4.0}, tmp_path / "no_bootstrap.yaml") == {"CPU": 4.0}  # not a ray up cluster
 
 
 def test_runs_left_open_are_closed_as_killed(tmp_path):

@@ -1,6 +1,7 @@
-"""The epoch clock: a tiny actor in a module that does not import torch.
+"""Tiny actors of a run's data stage, in a module that does not import torch: the epoch clock
+and the crop meter.
 
-Its process imports only this module (and Ray), not torch and torchvision (seconds of
+Their processes import only this module (and Ray), not torch and torchvision (seconds of
 CPU and hundreds of MB per process on a small machine).
 """
 
@@ -33,3 +34,34 @@ def start_epoch_clock(epoch: int = 0) -> ray.actor.ActorHandle:
     epoch again at the start of every attempt, so a restarted clock loses nothing."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return EpochClock.options(scheduling_strategy=here).remote(epoch)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class CropMeter:
+    """What the multi-crop actors did: images cropped and seconds spent, per actor. Each actor
+    adds after every call (fire and forget); the driver reads the totals after the run."""
+
+    def __init__(self) -> None:
+        self._per_actor: dict[str, list[float]] = {}
+
+    def add(self, actor: str, images: int, seconds: float) -> None:
+        totals = self._per_actor.setdefault(actor, [0.0, 0.0])
+        totals[0] += images
+        totals[1] += seconds
+
+    def summary(self) -> dict[str, float]:
+        """``crop_actors_used``, ``cropped_images`` and ``crop_images_per_second_per_actor`` (images over the
+        busy seconds of each actor, the median over actors)."""
+        rates = sorted(n / s for n, s in self._per_actor.values() if s > 0)
+        median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1 : len(rates) // 2 + 1]) / 2
+        return {
+            "crop_actors_used": float(len(self._per_actor)),
+            "cropped_images": float(sum(n for n, _ in self._per_actor.values())),
+            "crop_images_per_second_per_actor": float(median) if rates else 0.0,
+        }
+
+
+def start_crop_meter() -> ray.actor.ActorHandle:
+    """A CropMeter near the driver (softly, as the epoch clock)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return CropMeter.options(scheduling_strategy=here).remote()

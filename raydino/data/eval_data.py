@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import ray.data
 import torch
@@ -9,9 +11,12 @@ from torchvision.transforms import v2
 
 from raydino.config import Config
 from raydino.data.embedded import load_embedded
-from raydino.data.sources import imagefolder_dataset
+from raydino.data.sources import decode_image, list_imagefolder
 from raydino.eval.data import EvalData
+from raydino.plan import standard_eval_paths
 from raydino.registry import DATA_SOURCES
+
+logger = logging.getLogger(__name__)
 
 
 def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -21,21 +26,68 @@ def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) ->
     return images[idx], labels[idx]
 
 
-def _resize_center(size: int):
+def stratified_sample(counts: list[int], limit: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices to keep per class: ``limit`` in all (or everything), each class in proportion to its size
+    (largest remainders get the rounding), drawn without replacement."""
+    total = sum(counts)
+    if total <= limit:
+        return [np.arange(n) for n in counts]
+    exact = np.asarray(counts, dtype=np.float64) * limit / total
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    return [np.sort(rng.choice(n, size=q, replace=False)) for n, q in zip(counts, quota)]
+
+
+def _read_and_decode(size: int):
+    """Read and decode files to (3, size, size) uint8 (shorter side resized, centre crop); unreadable or
+    undecodable ones are dropped (and logged), the evaluation set is then that much smaller."""
     transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [transform(torch.from_numpy(np.asarray(im).copy())).numpy() for im in batch["image"]]
-        return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+        images, labels = [], []
+        for path, label in zip(batch["path"], batch["label"]):
+            try:
+                with open(str(path), "rb") as f:
+                    image = decode_image(f.read())
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types
+                logger.warning("raydino: evaluation skips undecodable image %s (%s)", path, exc)
+                continue
+            images.append(transform(torch.from_numpy(image)).numpy())
+            labels.append(label)
+        shape = (0, 3, size, size)
+        return {"image": np.stack(images) if images else np.empty(shape, dtype=np.uint8),
+                "label": np.asarray(labels, dtype=np.int64)}
 
     return fn
 
 
+def sample_imagefolder(path: str, limit: int, seed: int) -> tuple[list[str], list[int], int]:
+    """A seeded, class-stratified sample of at most ``limit`` image paths of an ImageFolder, with their
+    labels and the number of classes: from the listing alone, nothing is read."""
+    files = list_imagefolder(path)
+    keep = stratified_sample([len(f) for f in files.values()], limit, np.random.default_rng(seed))
+    paths, labels = [], []
+    for label, (class_paths, idx) in enumerate(zip(files.values(), keep)):
+        paths += [class_paths[i] for i in idx]
+        labels += [label] * len(idx)
+    return paths, labels, len(files)
+
+
+def decode_files(paths: list[str], labels: list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and decode exactly ``paths`` (in Ray tasks), resized and centre-cropped to ``size``."""
+    table = ray.data.from_items([{"path": p, "label": lab} for p, lab in zip(paths, labels)])
+    rows = table.map_batches(_read_and_decode(size), batch_format="numpy", batch_size=64).take_all()
+    rows.sort(key=lambda r: int(r["label"]))
+    images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 3, size, size), dtype=np.uint8)
+    return images, np.asarray([r["label"] for r in rows], dtype=np.int64)
+
+
 def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    source = imagefolder_dataset(path)
-    ds: ray.data.Dataset = source.dataset.random_shuffle(seed=seed).limit(limit)
-    rows = ds.map_batches(_resize_center(size), batch_format="numpy", batch_size=64).take_batch(limit)
-    return rows["image"], rows["label"], len(source.classes)
+    """The evaluation arrays of an ImageFolder: sample the paths, then decode only those."""
+    paths, labels, n_classes = sample_imagefolder(path, limit, seed)
+    images, labels_out = decode_files(paths, labels, size)
+    return images, labels_out, n_classes
 
 
 def _split(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
@@ -74,4 +126,5 @@ def load_eval_data(cfg: Config, split_same_folder: bool = False) -> EvalData | N
 
 def has_eval_data(cfg: Config) -> bool:
     """Whether ``load_eval_data(cfg)`` finds labelled data: per-epoch kNN is possible."""
-    return DATA_SOURCES[cfg.data.source].embedded or bool(cfg.eval.train_path and cfg.eval.test_path)
+    has_paths = bool(cfg.eval.train_path and cfg.eval.test_path) or bool(standard_eval_paths(cfg))
+    return DATA_SOURCES[cfg.data.source].embedded or has_paths

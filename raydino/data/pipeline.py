@@ -22,9 +22,12 @@ an actor pool per execution, and on small datasets restarting the crop actors ev
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 import ray.data
 from ray.data.expressions import lit
 
@@ -97,10 +100,18 @@ class MultiCropStage:
     """
 
     def __init__(
-        self, crops: CropsConfig, seed: int, epoch: int = 0, torch_threads: int = 1, epoch_clock: Any = None
+        self,
+        crops: CropsConfig,
+        seed: int,
+        epoch: int = 0,
+        torch_threads: int = 1,
+        epoch_clock: Any = None,
+        meter: Any = None,
     ) -> None:
         from raydino.data.augment import MultiCrop, crop_names
 
+        self.meter = meter
+        self.actor_id = ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
         self.torch_threads = torch_threads
         self.multicrop = MultiCrop(crops)
         self.names = crop_names(crops.local_number)
@@ -120,10 +131,13 @@ class MultiCropStage:
 
         threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)  # per-image ops are tiny: intra-op threads only oversubscribe
+        started = time.perf_counter()
         try:
             views = self.multicrop.crop_batch([_chw(image) for image in images], seeds)
         finally:
             torch.set_num_threads(threads)
+        if self.meter is not None:
+            self.meter.add.remote(self.actor_id, n, time.perf_counter() - started)
         out = {name: view.numpy() for name, view in zip(self.names, views)}
         out["label"] = labels
         out[EPOCH_COLUMN] = epochs
@@ -134,15 +148,20 @@ def multicrop_dataset(
     ds: ray.data.Dataset,
     crops: CropsConfig,
     seed: int,
-    num_actors: int,
+    num_actors: int | tuple[int, int],
     batch_size: int,
     *,
     epoch: int = 0,
     cpus_per_actor: float = 1.0,
     actor_resources: dict[str, float] | None = None,
     epoch_clock: Any = None,
+    meter: Any = None,
 ) -> ray.data.Dataset:
-    """Apply DINO multi-crop to rows ``{"image": uint8 CHW, "label"?, "key"?}`` on ``num_actors`` CPU actors.
+    """Apply DINO multi-crop to rows ``{"image": uint8 CHW, "label"?, "key"?}`` on a pool of CPU actors:
+    ``num_actors`` of them, or with ``(min, max)`` Ray Data's autoscaling actor pool
+    (``ActorPoolStrategy(min_size, max_size)``, Ray 2.60), which adds actors while their input
+    queues up and the consumers keep up, up to ``max``. A ``raydino.data.clock.CropMeter`` handle
+    counts the images and seconds of every actor.
 
     ``batch_size`` is the number of images per actor call (not the training batch);
     ``actor_resources`` are custom Ray resources each actor also needs (to place the actors on
@@ -151,8 +170,9 @@ def multicrop_dataset(
     ``num_actors * cpus_per_actor`` logical CPUs besides the train workers and the decode
     tasks: an under-sized cluster stalls rather than failing.
     """
-    if num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    low, high = (num_actors, num_actors) if isinstance(num_actors, int) else num_actors
+    if not 1 <= low <= high:
+        raise ValueError(f"need 1 <= min <= max crop actors, got {num_actors}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return ds.map_batches(
@@ -163,10 +183,13 @@ def multicrop_dataset(
             "epoch": epoch,
             "torch_threads": max(1, int(cpus_per_actor)),
             "epoch_clock": epoch_clock,
+            "meter": meter,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high
+        ),
         num_cpus=cpus_per_actor,
         **({"resources": dict(actor_resources)} if actor_resources else {}),
     )

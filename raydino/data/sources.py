@@ -208,6 +208,20 @@ def list_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
     return tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
 
 
+def list_imagefolder(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Class name -> sorted image paths of an ImageFolder (listing only, nothing read); FileNotFoundError
+    as ``imagefolder_dataset`` raises it for a missing folder, no classes or no images."""
+    expected = "an ImageFolder directory: <path>/<class_name>/<image files>"
+    root = _check_dir(path, expected)
+    classes = list_classes(root)
+    if not classes:
+        raise _missing(root, f"has no class subdirectories; expected {expected}")
+    files = {c: list(_walk_images(root / c)) for c in classes}
+    if not any(files.values()):
+        raise _missing(root, f"has no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class directories")
+    return files
+
+
 def imagefolder_dataset(path: str | os.PathLike[str]) -> ImageSource:
     """ImageFolder layout ``path/<class>/**/<image>``; label = index of the class in the sorted class names.
 

@@ -27,6 +27,7 @@ from raydino.sweep.spec import (
     SweepResult,
     SweepSpec,
     absolute_paths,
+    cluster_capacity,
     derive_max_concurrent,
     trial_resources,
     validate_space,
@@ -57,7 +58,8 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
     # a Ray started here (no cluster to join) is sized for the requested number of trials at once
     per_trial = trial_resources(largest, spec.trial_cpus)["CPU"]
     ensure_ray(largest, extra_cpus=spec.trial_cpus + per_trial * ((spec.max_concurrent_trials or 1) - 1))
-    concurrency = spec.max_concurrent_trials or derive_max_concurrent(configs, spec.trial_cpus, ray.cluster_resources())
+    capacity = cluster_capacity(ray.cluster_resources())  # an autoscaling cluster counts the nodes it can add
+    concurrency = spec.max_concurrent_trials or derive_max_concurrent(configs, spec.trial_cpus, capacity)
 
     parent_run_id = create_run(uri, experiment, spec.name, _parent_params(spec, concurrency),
                                {"raydino.sweep": spec.name, "raydino.role": "parent"})

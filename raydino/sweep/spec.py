@@ -143,14 +143,46 @@ def trial_resources(cfg: Config, trial_cpus: float) -> dict[str, float]:
     return {"CPU": required_cpus(cfg) + trial_cpus, "GPU": float(cfg.scaling.num_workers if cfg.scaling.use_gpu else 0)}
 
 
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+"""Where ``ray up`` leaves the cluster config on the head node (Ray Tune looks there too)."""
+
+
+def max_resources_of(cluster_config: Mapping[str, Any]) -> dict[str, float]:
+    """What a cluster launched from ``cluster_config`` (a ``ray up`` YAML) can grow to: each node type's
+    ``resources`` times its ``max_workers`` (the head type once). Node types without explicit
+    ``resources`` add nothing (their size is known only once a node is up)."""
+    head = cluster_config.get("head_node_type")
+    total: dict[str, float] = {}
+    for name, node_type in (cluster_config.get("available_node_types") or {}).items():
+        count = 1 if name == head else int(node_type.get("max_workers", 0))
+        for key, value in (node_type.get("resources") or {}).items():
+            total[key] = total.get(key, 0.0) + float(value) * count
+    return total
+
+
+def cluster_capacity(current: Mapping[str, float], bootstrap_config: Path = BOOTSTRAP_CONFIG) -> dict[str, float]:
+    """Resources the Ray cluster has now or can grow to: on a ``ray up`` cluster (its bootstrap config on
+    this node) the autoscaler may add nodes up to each type's ``max_workers``, so a fresh cluster with
+    no GPU node up yet can still run GPU trials (they wait as PENDING while nodes start)."""
+    path = bootstrap_config.expanduser()
+    grown: dict[str, float] = {}
+    if path.is_file():
+        import yaml
+
+        grown = max_resources_of(yaml.safe_load(path.read_text()) or {})
+    return {key: max(float(current.get(key, 0.0)), grown.get(key, 0.0)) for key in {*current, *grown}}
+
+
 def derive_max_concurrent(configs: Sequence[Config], trial_cpus: float, cluster: Mapping[str, float]) -> int:
-    """How many of the largest trial fit the cluster at once (at least one)."""
+    """How many of the largest trial fit ``cluster`` (resources now, or what an autoscaling cluster can
+    grow to: ``cluster_capacity``) at once; at least one. A trial larger than that is an error."""
     need_cpu = max(trial_resources(c, trial_cpus)["CPU"] for c in configs)
     need_gpu = max(trial_resources(c, trial_cpus)["GPU"] for c in configs)
     if need_gpu > cluster.get("GPU", 0):
         raise ConfigError(
             f"one trial needs {need_gpu:g} GPU(s) (scaling.num_workers with scaling.use_gpu=true) but the Ray "
-            f"cluster has {cluster.get('GPU', 0):g}; lower scaling.num_workers or add GPU nodes"
+            f"cluster has, or can grow to, {cluster.get('GPU', 0):g}; lower scaling.num_workers, or raise the GPU "
+            "node type's max_workers in the cluster config"
         )
     fits = math.floor(cluster.get("CPU", 0) / need_cpu + 1e-9)
     if need_gpu:

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
-from raydino.data.clock import start_epoch_clock
+from raydino.data.clock import start_crop_meter, start_epoch_clock
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
+from raydino.eval.data import EvalData
 from raydino.plan import RunPlan
 from raydino.step import TrainingDiverged
 from raydino.storage import is_remote, join_storage, resolve_storage
@@ -45,12 +46,25 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     skipped_images: int
+    eval_data: EvalData | None = None
+    crop_stats: dict[str, float] = field(default_factory=dict)
+    """``CropMeter.summary()``: actors the multi-crop pool used, images per second per busy actor."""
+    """The evaluation arrays the workers used, loaded once per run: the final evaluation reuses them."""
+
+
+def _crop_summary(meter: Any) -> dict[str, float]:
+    """The crop meter's totals; {} if it cannot answer within 30 s (a statistic must not fail a run)."""
+    try:
+        return ray.get(meter.summary.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a lost meter costs a log line, never the run
+        return {}
 
 
 def required_cpus(cfg: Config) -> float:
-    """Logical CPUs a run needs: train workers + crop actors + one for reading/decoding."""
+    """Logical CPUs a run needs to start: train workers + the crop pool's minimum + one for reading/decoding
+    (an autoscaling pool grows into whatever else the cluster has or adds)."""
     train = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    return train + cfg.data.num_crop_actors * cfg.data.cpus_per_crop_actor + 1
+    return train + cfg.crop_pool()[0] * cfg.data.cpus_per_crop_actor + 1
 
 
 def stream_passes(epochs: int) -> int:
@@ -156,6 +170,7 @@ def run_pretraining(
             "lower data.batch_size_per_worker or scaling.num_workers"
         )
     clock = start_epoch_clock()
+    meter = start_crop_meter()
     dataset = multicrop_dataset(
         # in-memory rows cannot turn out undecodable: only file sources need spare passes
         epoch_stream(
@@ -165,13 +180,15 @@ def run_pretraining(
         ),
         cfg.data.crops,
         cfg.seed,
-        cfg.data.num_crop_actors,
+        cfg.crop_pool(),
         cfg.data.crop_batch_size,
         cpus_per_actor=cfg.data.cpus_per_crop_actor,
         actor_resources=cfg.data.crop_actor_resources,
         epoch_clock=clock,
+        meter=meter,
     )
-    worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, load_eval_data(cfg), plan.tracking_uri, plan.mlflow_run_id)
+    eval_data = load_eval_data(cfg)  # once per run: the final evaluation gets it from TrainResult
+    worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, eval_data, plan.tracking_uri, plan.mlflow_run_id)
     trainer = build_trainer(
         cfg,
         dataset,
@@ -197,7 +214,14 @@ def run_pretraining(
         message = _diverged_message(exc) or f"{type(root).__name__}: {str(root)[-2000:]}"
         raise PretrainError(f"training failed: {message}\n(full logs: {plan.run_dir})") from exc
     finally:
+        crops = _crop_summary(meter)
         ray.kill(clock)
+        ray.kill(meter)
+    low, high = cfg.crop_pool()
+    log(
+        f"raydino: multi-crop used {crops.get('crop_actors_used', 0):.0f} actor(s) (pool {low}..{high}), "
+        f"{crops.get('crop_images_per_second_per_actor', 0):.0f} images/s per busy actor"
+    )
     if result.error is not None:
         raise PretrainError(f"training failed: {result.error}")
     # exports and downloaded checkpoints of a run on remote storage go to the local default storage
@@ -210,4 +234,6 @@ def run_pretraining(
         steps=int(metrics.get("step", 0)),
         metrics=metrics,
         skipped_images=source.skipped.count(),
+        crop_stats=crops,
+        eval_data=eval_data,
     )
