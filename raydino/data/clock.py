@@ -7,6 +7,8 @@ CPU and hundreds of MB per process on a small machine).
 
 from __future__ import annotations
 
+import statistics
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -52,12 +54,11 @@ class CropMeter:
     def summary(self) -> dict[str, float]:
         """``crop_actors_used``, ``cropped_images`` and ``crop_images_per_second_per_actor`` (images over the
         busy seconds of each actor, the median over actors)."""
-        rates = sorted(n / s for n, s in self._per_actor.values() if s > 0)
-        median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1 : len(rates) // 2 + 1]) / 2
+        rates = [n / s for n, s in self._per_actor.values() if s > 0]
         return {
             "crop_actors_used": float(len(self._per_actor)),
             "cropped_images": float(sum(n for n, _ in self._per_actor.values())),
-            "crop_images_per_second_per_actor": float(median) if rates else 0.0,
+            "crop_images_per_second_per_actor": float(statistics.median(rates)) if rates else 0.0,
         }
 
 

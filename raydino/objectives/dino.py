@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raydino.objectives.base import LossTerm, Outputs, Temperatures, TermOutput
+from raydino.objectives.base import Outputs, Temperatures, TermOutput
 from raydino.objectives.centering import entropy
 from raydino.objectives.distributed import global_batch_mean
-from raydino.objectives.teacher import TeacherTargets, VMFCorrection, student_log_probs
+from raydino.objectives.teacher import CentredTerm, student_log_probs
 
 
 def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs: Sequence[Tensor]) -> Tensor:
@@ -34,25 +34,13 @@ def cross_view_cross_entropy(teacher_probs: Sequence[Tensor], student_log_probs:
     return loss / n_pairs
 
 
-class DINOTerm(LossTerm):
+class DINOTerm(CentredTerm):
     """Cross-entropy between the teacher's centred targets on the global crops and the student's
     predictions on every other crop. Metrics: ``teacher_entropy`` (mean entropy of the per-sample
     targets: -> log K or 0 at collapse), ``mean_target_entropy`` (of the batch-mean target: -> 0 when
     one prototype takes all) and ``center_norm``."""
 
-    def __init__(
-        self,
-        num_prototypes: int,
-        bottleneck_dim: int,
-        vmf: bool = False,
-        centering: str = "logit",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        self.teacher = TeacherTargets(num_prototypes, bottleneck_dim, vmf, centering, center_momentum,
-                                      sinkhorn_iterations, what="[CLS]")
-        self.student_correction = VMFCorrection(vmf, bottleneck_dim, "[CLS]")
+    what = "[CLS]"
 
     def forward(
         self, *, student: Outputs, teacher: Outputs, temps: Temperatures, masks: Sequence[Tensor] | None = None
@@ -73,6 +61,3 @@ class DINOTerm(LossTerm):
             if center_norm is not None:
                 metrics["center_norm"] = center_norm
         return TermOutput(loss, metrics)
-
-    def commit(self) -> None:
-        self.teacher.commit()

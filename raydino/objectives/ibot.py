@@ -15,9 +15,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from raydino.objectives.base import LossTerm, Outputs, Temperatures, TermOutput
+from raydino.objectives.base import Outputs, Temperatures, TermOutput
 from raydino.objectives.centering import entropy
-from raydino.objectives.teacher import TeacherTargets, VMFCorrection, student_log_probs
+from raydino.objectives.teacher import CentredTerm, student_log_probs
 
 
 def masked_patch_cross_entropy(
@@ -37,24 +37,11 @@ def masked_patch_cross_entropy(
     return total / len(masks)
 
 
-class IBOTPatchTerm(LossTerm):
+class IBOTPatchTerm(CentredTerm):
     """The masked patch loss. Metrics: ``patch_teacher_entropy``, ``masked_share``, ``teacher_patch_temp``."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"patches", "masks"})
-
-    def __init__(
-        self,
-        num_patch_prototypes: int,
-        bottleneck_dim: int,
-        vmf: bool = False,
-        centering: str = "logit",
-        center_momentum: float = 0.9,
-        sinkhorn_iterations: int = 3,
-    ) -> None:
-        super().__init__()
-        self.teacher = TeacherTargets(num_patch_prototypes, bottleneck_dim, vmf, centering, center_momentum,
-                                      sinkhorn_iterations, what="patch")
-        self.student_correction = VMFCorrection(vmf, bottleneck_dim, "patch")
+    what = "patch"
 
     def forward(
         self, *, student: Outputs, teacher: Outputs, temps: Temperatures, masks: Sequence[Tensor] | None = None
@@ -76,6 +63,3 @@ class IBOTPatchTerm(LossTerm):
                        "masked_share": torch.cat([m.flatten() for m in masks]).float().mean(),
                        "teacher_patch_temp": torch.tensor(temps.teacher_patch)}
         return TermOutput(loss, metrics)
-
-    def commit(self) -> None:
-        self.teacher.commit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from raydino.objectives.base import LossTerm
 from raydino.objectives.centering import make_centering
 from raydino.objectives.vmf import vmf_correction
 
@@ -71,3 +72,28 @@ class TeacherTargets(nn.Module):
 
     def center_norm(self) -> Tensor | None:
         return self.centering.center_norm()
+
+
+class CentredTerm(LossTerm):
+    """A term that scores the student against centred teacher targets: it owns one ``TeacherTargets``
+    and the student's own vMF correction, and commits the teacher's center after a finite loss."""
+
+    what: str = "[CLS]"
+    """Which prototypes the norms belong to, for error messages."""
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        bottleneck_dim: int,
+        vmf: bool = False,
+        centering: str = "logit",
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        self.teacher = TeacherTargets(num_prototypes, bottleneck_dim, vmf, centering, center_momentum,
+                                      sinkhorn_iterations, what=self.what)
+        self.student_correction = VMFCorrection(vmf, bottleneck_dim, self.what)
+
+    def commit(self) -> None:
+        self.teacher.commit()
