@@ -163,7 +163,13 @@ class CropsConfig(_Section):
 
 class DataConfig(_Section):
     source: SourceName = "digits"
-    path: str | None = Field(None, description="directory for the file sources (imagefolder, images)")
+    path: str | None = Field(
+        None, description="directory for the file sources (imagefolder, images): a local path or a URI (s3://...)"
+    )
+    max_files: int | None = Field(
+        None, ge=1, description="train on a seeded, class-stratified sample of at most this many files of "
+        "data.path (default: all): cluster rehearsals, sweeps on a subset",
+    )
     batch_size_per_worker: int = Field(64, ge=1)
     crops: CropsConfig = Field(default_factory=CropsConfig)
     num_crop_actors: int = Field(1, ge=1, le=4096, description="Ray Data CPU actors running multi-crop (a fixed pool)")

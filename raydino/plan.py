@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from raydino.config import Config, with_overrides
+from raydino.locations import locate
 from raydino.registry import DATA_SOURCES
 from raydino.storage import join_storage, resolve_storage
 
@@ -42,26 +42,29 @@ def default_run_name(cfg: Config) -> str:
 
 
 def check_data_path(cfg: Config) -> None:
-    """Fail fast on a missing data directory; the sources check its contents when listing."""
+    """Fail fast on a missing data directory, an unreachable object store or refused credentials
+    (ObjectStoreError); the sources check the directory's contents when listing."""
     layout = DATA_SOURCES[cfg.data.source].layout
     if layout is None:
         return
-    path = Path(str(cfg.data.path)).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist or is not a directory; expected {layout}")
+    location = locate(str(cfg.data.path))
+    if location.kind() != "dir":
+        raise FileNotFoundError(f"data path {location.uri!r} does not exist or is not a directory; expected {layout}")
 
 
 def standard_eval_paths(cfg: Config) -> dict[str, str]:
     """ImageNet's standard layout, ``<root>/train/<class>/...`` beside ``<root>/val/<class>/...``: kNN on
     them by default (``eval.train_path`` the training folder, ``eval.test_path`` its ``val`` sibling)
-    when the run trains on ``<root>/train`` and sets neither eval path; {} otherwise."""
+    when the run trains on ``<root>/train`` and sets neither eval path; {} otherwise. Local or URI alike."""
     if cfg.data.source != "imagefolder" or cfg.eval.train_path or cfg.eval.test_path or not cfg.data.path:
         return {}
-    train = Path(cfg.data.path).expanduser()
-    val = train.parent / "val"
-    if train.name != "train" or not val.is_dir() or not any(p.is_dir() for p in val.iterdir()):
+    train = locate(cfg.data.path)
+    if train.name != "train":
         return {}
-    return {"eval.train_path": str(train), "eval.test_path": str(val)}
+    val = train.sibling("val")
+    if val.kind() != "dir" or not val.subdirectories():
+        return {}
+    return {"eval.train_path": train.uri, "eval.test_path": val.uri}
 
 
 def plan_run(cfg: Config, tracking_uri: str | None = None, mlflow_run_id: str | None = None) -> RunPlan:

@@ -1,7 +1,8 @@
 """Where runs keep their checkpoints: a local directory or a remote URI (``s3://``, ``gs://`` ...).
 
 Ray Train writes to either through pyarrow; a remote URI must stay a URI (``Path`` would
-turn ``s3://bucket/x`` into ``s3:/bucket/x`` relative to the working directory).
+turn ``s3://bucket/x`` into ``s3:/bucket/x`` relative to the working directory). Both are checked
+writable before anything starts (``raydino.objectstore``: AWS_ENDPOINT_URL and the AWS_* variables).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
+from raydino.objectstore import check_writable, is_uri
 
 DEFAULT_STORAGE = "raydino_runs"
 
@@ -19,16 +22,18 @@ class StorageError(ValueError):
 
 def is_remote(path: str) -> bool:
     """``scheme://...`` other than ``file://``."""
-    return "://" in path and not path.startswith("file://")
+    return is_uri(path)
 
 
 def resolve_storage(path: str | os.PathLike[str] | None) -> str:
-    """An absolute local directory (created and checked writable) or a remote URI, unchanged.
+    """An absolute local directory (created and checked writable) or a remote URI (checked writable
+    with one small object, raising ObjectStoreError), unchanged.
 
     Absolute, because Ray Tune runs each trial in its own working directory.
     """
     text = str(path) if path is not None else DEFAULT_STORAGE
     if is_remote(text):
+        check_writable(text.rstrip("/"))
         return text.rstrip("/")
     local = Path(text.removeprefix("file://")).expanduser().resolve()
     try:

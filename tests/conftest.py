@@ -40,3 +40,15 @@ def ray_session() -> Iterator[str]:
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[str]:
+    """A real S3 API (moto's server on 127.0.0.1) for one test module, reached the standard way:
+    AWS_ENDPOINT_URL and AWS_* credentials in the environment (restored after)."""
+    from tests.object_store import CREDENTIALS, moto_endpoint
+
+    with moto_endpoint() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(key, value)
+        yield endpoint

@@ -34,7 +34,8 @@ def folder(tmp_path):
 def test_sampling_reads_no_file(folder):
     for image in folder.rglob("*.png"):  # every file unreadable as an image: the sample is made from names alone
         image.write_bytes(b"not an image")
-    paths, labels, n_classes = sample_imagefolder(str(folder), 20, seed=3)
+    paths, labels, n_classes, filesystem = sample_imagefolder(str(folder), 20, seed=3)
+    assert filesystem is None  # a local folder is read with open()
     assert n_classes == 3 and np.bincount(labels).tolist() == [6, 2, 12]
     assert paths == sample_imagefolder(str(folder), 20, seed=3)[0]
     assert all(p.split("/")[-2] == ["ants", "bees", "cats"][lab] for p, lab in zip(paths, labels))
@@ -42,7 +43,7 @@ def test_sampling_reads_no_file(folder):
 
 @pytest.mark.timeout(120)
 def test_only_the_sampled_files_are_decoded(ray_session, folder):
-    paths, _, _ = sample_imagefolder(str(folder), 20, seed=3)
+    paths, _, _, _ = sample_imagefolder(str(folder), 20, seed=3)
     sampled = set(paths)
     for image in folder.rglob("*.png"):  # every other file is corrupt: decoding one would drop it with a warning
         if str(image) not in sampled:
@@ -54,3 +55,20 @@ def test_only_the_sampled_files_are_decoded(ray_session, folder):
     (folder / paths[0].split("/")[-2] / paths[0].split("/")[-1]).write_bytes(b"broken")
     images, labels, _ = _imagefolder_arrays(str(folder), 8, 20, seed=3)
     assert len(images) == len(labels) == 19
+
+
+@pytest.mark.timeout(120)
+def test_data_max_files_trains_on_a_stratified_sample_and_reads_only_it(ray_session, folder):
+    from raydino.data.sources import image_directory_dataset, imagefolder_dataset
+
+    kept, _, _, _ = sample_imagefolder(str(folder), 20, seed=5)  # the same draw as the training subset
+    for image in folder.rglob("*.png"):  # a file outside the sample would be skipped (and counted) if read
+        if str(image) not in set(kept):
+            image.write_bytes(b"not an image")
+    source = imagefolder_dataset(str(folder), max_files=20, seed=5)
+    assert source.num_files == 20 and source.classes == ("ants", "bees", "cats")
+    rows = source.dataset.take_all()
+    assert np.bincount([r["label"] for r in rows]).tolist() == [6, 2, 12]
+    assert source.skipped.count() == 0
+    assert imagefolder_dataset(str(folder), max_files=500).num_files == 100  # a limit above the count keeps all
+    assert image_directory_dataset(str(folder), max_files=7, seed=5).num_files == 7

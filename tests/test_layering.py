@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raydino"
 
 # lowest first; a module may import its own layer and those below
 LAYERS = [
-    {"registry", "presets", "storage", "schedules", "tables"},
+    {"registry", "presets", "objectstore", "locations", "storage", "schedules", "tables"},
     {"config"},
     {"objectives", "plan"},
     {"models"},

@@ -15,7 +15,6 @@ import pytest
 import timm
 import torch
 from mlflow import MlflowClient
-from PIL import Image
 from safetensors import safe_open
 
 import raydino.pretrain as pretrain_module
@@ -26,6 +25,7 @@ from raydino.export import load_teacher
 from raydino.pretrain import pretrain
 from raydino.tracking import TrackingError
 from raydino.train import driver
+from tests.images import small_imagefolder
 from tests.tiny import TINY_RUN
 
 TINY = [
@@ -157,24 +157,10 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
     assert len(client.search_runs([client.get_experiment_by_name("raydino").experiment_id])) == 1
 
 
-def _imagefolder(root: Path) -> Path:
-    """79 good images and one corrupt file: 80 files listed, 79 rows per pass."""
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        for i in range(40 - c):
-            img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
-            img[:, :, c] = 255
-            path = root / f"class{c}" / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(path)
-    (root / "class1" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_path):
-    root = _imagefolder(tmp_path / "folder")
+    root = small_imagefolder(tmp_path / "folder")
     cfg = _cfg(tmp_path, "optim.epochs=1", "data.source=imagefolder", f"data.path={root}",
                "data.batch_size_per_worker=8", "tracking.run_name=folder", f"checkpoint.storage_path={tmp_path / 'runs'}")
     summary = pretrain(cfg, log=lambda _: None)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.data
 import torch
 from torchvision.transforms import v2
 
 from raydino.config import Config
 from raydino.data.embedded import load_embedded
-from raydino.data.sources import decode_image, list_imagefolder
+from raydino.data.sources import decode_image, list_imagefolder, stratified_sample
 from raydino.eval.data import EvalData
+from raydino.locations import read_file
 from raydino.plan import standard_eval_paths
 from raydino.registry import DATA_SOURCES
 
@@ -26,20 +28,7 @@ def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) ->
     return images[idx], labels[idx]
 
 
-def stratified_sample(counts: list[int], limit: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Indices to keep per class: ``limit`` in all (or everything), each class in proportion to its size
-    (largest remainders get the rounding), drawn without replacement."""
-    total = sum(counts)
-    if total <= limit:
-        return [np.arange(n) for n in counts]
-    exact = np.asarray(counts, dtype=np.float64) * limit / total
-    quota = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - quota), kind="stable")[: limit - int(quota.sum())]:
-        quota[i] += 1
-    return [np.sort(rng.choice(n, size=q, replace=False)) for n, q in zip(counts, quota)]
-
-
-def _read_and_decode(size: int):
+def _read_and_decode(size: int, filesystem: pafs.FileSystem | None):
     """Read and decode files to (3, size, size) uint8 (shorter side resized, centre crop); unreadable or
     undecodable ones are dropped (and logged), the evaluation set is then that much smaller."""
     transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
@@ -48,8 +37,7 @@ def _read_and_decode(size: int):
         images, labels = [], []
         for path, label in zip(batch["path"], batch["label"]):
             try:
-                with open(str(path), "rb") as f:
-                    image = decode_image(f.read())
+                image = decode_image(read_file(str(path), filesystem))
             except Exception as exc:  # noqa: BLE001 - PIL raises many types
                 logger.warning("raydino: evaluation skips undecodable image %s (%s)", path, exc)
                 continue
@@ -62,22 +50,27 @@ def _read_and_decode(size: int):
     return fn
 
 
-def sample_imagefolder(path: str, limit: int, seed: int) -> tuple[list[str], list[int], int]:
+def sample_imagefolder(
+    path: str, limit: int, seed: int
+) -> tuple[list[str], list[int], int, pafs.FileSystem | None]:
     """A seeded, class-stratified sample of at most ``limit`` image paths of an ImageFolder, with their
-    labels and the number of classes: from the listing alone, nothing is read."""
-    files = list_imagefolder(path)
+    labels, the number of classes and the filesystem to read them through (None: local): from the
+    listing alone, nothing is read."""
+    root, files = list_imagefolder(path)
     keep = stratified_sample([len(f) for f in files.values()], limit, np.random.default_rng(seed))
     paths, labels = [], []
     for label, (class_paths, idx) in enumerate(zip(files.values(), keep)):
         paths += [class_paths[i] for i in idx]
         labels += [label] * len(idx)
-    return paths, labels, len(files)
+    return paths, labels, len(files), root.filesystem
 
 
-def decode_files(paths: list[str], labels: list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_files(
+    paths: list[str], labels: list[int], size: int, filesystem: pafs.FileSystem | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read and decode exactly ``paths`` (in Ray tasks), resized and centre-cropped to ``size``."""
     table = ray.data.from_items([{"path": p, "label": lab} for p, lab in zip(paths, labels)])
-    rows = table.map_batches(_read_and_decode(size), batch_format="numpy", batch_size=64).take_all()
+    rows = table.map_batches(_read_and_decode(size, filesystem), batch_format="numpy", batch_size=64).take_all()
     rows.sort(key=lambda r: int(r["label"]))
     images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 3, size, size), dtype=np.uint8)
     return images, np.asarray([r["label"] for r in rows], dtype=np.int64)
@@ -85,8 +78,8 @@ def decode_files(paths: list[str], labels: list[int], size: int) -> tuple[np.nda
 
 def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The evaluation arrays of an ImageFolder: sample the paths, then decode only those."""
-    paths, labels, n_classes = sample_imagefolder(path, limit, seed)
-    images, labels_out = decode_files(paths, labels, size)
+    paths, labels, n_classes, filesystem = sample_imagefolder(path, limit, seed)
+    images, labels_out = decode_files(paths, labels, size, filesystem)
     return images, labels_out, n_classes
 
 

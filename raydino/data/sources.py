@@ -16,8 +16,9 @@ the whole dataset (``DataContext.max_errored_blocks`` would instead drop the who
 good images with it). Undecodable files are dropped one by one, logged, and their paths
 sent to a small counter actor: ``ImageSource.skipped.count()`` after consumption.
 
-File paths must be visible from every node that runs Ray Data tasks (a local disk on a
-single machine, or shared storage on a cluster).
+Paths are local (visible from every node that runs Ray Data tasks: one machine, or shared
+storage on a cluster) or URIs of any pyarrow filesystem (``s3://``, ``gs://`` ...), listed on the
+driver and read by the tasks through the filesystem resolved there (``data/locations.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,12 +36,11 @@ import ray.data
 
 from raydino.config import DataConfig
 from raydino.data.embedded import ArrayDataset, load_embedded
+from raydino.locations import IMAGE_EXTENSIONS, DataLocation, locate
 from raydino.registry import DATA_SOURCES
 
 logger = logging.getLogger(__name__)
 
-# torchvision's ImageFolder extensions (matched case-insensitively by Ray).
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp")
 UNKNOWN_LABEL = -1
 _DECODE_BATCH = 64  # images decoded per task call: bounds the memory of one output block
 _ROWS_PER_BLOCK = 64  # rows per block for in-memory arrays: small blocks stream through the crop actors
@@ -93,35 +91,36 @@ class ImageSource:
     """Blocks already exist (embedded arrays): reordering them per epoch costs nothing."""
 
 
-def _missing(path: Path, expected: str) -> FileNotFoundError:
-    return FileNotFoundError(f"data path {str(path)!r} {expected}")
+def _missing(location: DataLocation, expected: str) -> FileNotFoundError:
+    return FileNotFoundError(f"data path {location.uri!r} {expected}")
 
 
-def _is_image(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
-
-
-def _walk_images(root: Path) -> Iterator[str]:
-    """Image file paths under root, lazily: existence checks stop at the first one."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if _is_image(name):
-                yield os.path.join(dirpath, name)
-
-
-def _check_dir(path: str | os.PathLike[str], expected: str) -> Path:
-    root = Path(path).expanduser().resolve()
-    if not root.exists():
-        raise _missing(root, f"does not exist; expected {expected}")
-    if not root.is_dir():
-        raise _missing(root, f"is not a directory; expected {expected}")
-    return root
+def _check_dir(path: str | os.PathLike[str], expected: str) -> DataLocation:
+    location = locate(path)
+    kind = location.kind()
+    if kind == "missing":
+        raise _missing(location, f"does not exist; expected {expected}")
+    if kind != "dir":
+        raise _missing(location, f"is not a directory; expected {expected}")
+    return location
 
 
 def _stable_key(relative_path: str) -> int:
     """Signed 64-bit hash of a path: the same on every node and every run (unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(relative_path.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def stratified_sample(counts: list[int], limit: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices to keep per class: ``limit`` in all (or everything), each class in proportion to its size
+    (largest remainders get the rounding), drawn without replacement."""
+    total = sum(counts)
+    if total <= limit:
+        return [np.arange(n) for n in counts]
+    exact = np.asarray(counts, dtype=np.float64) * limit / total
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    return [np.sort(rng.choice(n, size=q, replace=False)) for n, q in zip(counts, quota)]
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -186,79 +185,99 @@ def _decode_batch(
 
 
 def _files_dataset(
-    paths: list[str], root: Path, class_to_idx: dict[str, int] | None
+    paths: list[str], root: DataLocation, class_to_idx: dict[str, int] | None
 ) -> tuple[ray.data.Dataset, SkippedImages]:
+    """``paths``: directories (listed again by Ray, in pages) or, for a sample, the files themselves."""
     skip_log = _SkipLog.remote()
     # shuffle="files": a new file order every epoch, so sorted class directories still mix
     raw = ray.data.read_binary_files(
-        paths, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS), shuffle="files"
+        paths, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),
+        shuffle="files", filesystem=root.filesystem,
     )
     ds = raw.map_batches(
         _decode_batch,
         batch_size=_DECODE_BATCH,
         batch_format="numpy",
-        fn_kwargs={"root": str(root), "class_to_idx": class_to_idx, "skip_log": skip_log},
+        fn_kwargs={"root": root.path, "class_to_idx": class_to_idx, "skip_log": skip_log},
     )
     return ds, SkippedImages(skip_log)
 
 
 def list_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
     """Sorted class directory names (hidden ones excluded): labels come from the listing, never from the files read."""
-    root = _check_dir(path, _IMAGEFOLDER)
-    return tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
+    return tuple(_check_dir(path, _IMAGEFOLDER).subdirectories())
 
 
 _IMAGEFOLDER = "an ImageFolder directory: <path>/<class_name>/<image files>"
 
 
-def _imagefolder_classes(path: str | os.PathLike[str]) -> tuple[Path, tuple[str, ...]]:
+def _imagefolder_classes(path: str | os.PathLike[str]) -> tuple[DataLocation, tuple[str, ...]]:
     """The root and class names of an ImageFolder; FileNotFoundError for a missing folder or no classes."""
     root = _check_dir(path, _IMAGEFOLDER)
-    classes = list_classes(root)
+    classes = tuple(root.subdirectories())
     if not classes:
         raise _missing(root, f"has no class subdirectories; expected {_IMAGEFOLDER}")
     return root, classes
 
 
-def _no_images(root: Path) -> FileNotFoundError:
+def _no_images(root: DataLocation) -> FileNotFoundError:
     return _missing(root, f"has no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class directories; "
                           f"expected {_IMAGEFOLDER}")
 
 
-def list_imagefolder(path: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Class name -> sorted image paths of an ImageFolder (listing only, nothing read); FileNotFoundError
-    as ``imagefolder_dataset`` raises it for a missing folder, no classes or no images."""
+def list_imagefolder(path: str | os.PathLike[str]) -> tuple[DataLocation, dict[str, list[str]]]:
+    """The root and class name -> sorted image paths (inside the root's filesystem) of an ImageFolder,
+    from the listing alone; FileNotFoundError as ``imagefolder_dataset`` raises it for a missing folder,
+    no classes or no images."""
     root, classes = _imagefolder_classes(path)
-    files = {c: list(_walk_images(root / c)) for c in classes}
+    files = {c: list(root.child(c).image_files()) for c in classes}
     if not any(files.values()):
         raise _no_images(root)
-    return files
+    return root, files
 
 
-def imagefolder_dataset(path: str | os.PathLike[str]) -> ImageSource:
+def _sampled(files: list[list[str]], max_files: int, seed: int) -> list[str]:
+    keep = stratified_sample([len(f) for f in files], max_files, np.random.default_rng(seed))
+    return [group[i] for group, idx in zip(files, keep) for i in idx]
+
+
+def imagefolder_dataset(path: str | os.PathLike[str], max_files: int | None = None, seed: int = 0) -> ImageSource:
     """ImageFolder layout ``path/<class>/**/<image>``; label = index of the class in the sorted class names.
 
     Streams: files are listed on the driver, read and decoded in Ray tasks. Files directly
     under ``path`` and files without an image extension are ignored. Raises FileNotFoundError
     at once when the path is missing, has no class directories, or has no image files.
+    ``max_files``: a seeded, class-stratified sample of the listing instead of every file.
     """
     root, classes = _imagefolder_classes(path)
-    num_files = sum(1 for c in classes for _ in _walk_images(root / c))  # counted, not kept: ImageNet has 1.28 M
+    directories = [root.child(c) for c in classes]
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    if max_files is not None:
+        files = _sampled([list(d.image_files()) for d in directories], max_files, seed)
+        if not files:
+            raise _no_images(root)
+        ds, skipped = _files_dataset(files, root, class_to_idx)
+        return ImageSource(ds, classes, skipped, len(files))
+    num_files = sum(1 for d in directories for _ in d.image_files())  # counted, not kept: ImageNet has 1.28 M
     if num_files == 0:
         raise _no_images(root)
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    ds, skipped = _files_dataset([str(root / c) for c in classes], root, class_to_idx)
+    ds, skipped = _files_dataset([d.path for d in directories], root, class_to_idx)
     return ImageSource(ds, classes, skipped, num_files)
 
 
-def image_directory_dataset(path: str | os.PathLike[str]) -> ImageSource:
-    """Every image file under ``path`` (recursively), unlabelled (label -1): for pretraining on raw images."""
+def image_directory_dataset(path: str | os.PathLike[str], max_files: int | None = None, seed: int = 0) -> ImageSource:
+    """Every image file under ``path`` (recursively), unlabelled (label -1): for pretraining on raw images;
+    ``max_files``: a seeded sample of them instead."""
     expected = "a directory holding image files (searched recursively)"
     root = _check_dir(path, expected)
-    num_files = sum(1 for _ in _walk_images(root))
+    if max_files is not None:
+        files = _sampled([list(root.image_files())], max_files, seed)
+        num_files, paths = len(files), files
+    else:
+        num_files, paths = sum(1 for _ in root.image_files()), [root.path]
     if num_files == 0:
         raise _missing(root, f"has no image files ({', '.join(IMAGE_EXTENSIONS)}); expected {expected}")
-    ds, skipped = _files_dataset([str(root)], root, None)
+    ds, skipped = _files_dataset(paths, root, None)
     return ImageSource(ds, (), skipped, num_files)
 
 
@@ -292,4 +311,5 @@ def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) ->
     if info.embedded:
         return array_dataset(load_embedded(data.source, split, data.crops.global_size, seed))
     assert data.path is not None  # DataConfig validates this
-    return imagefolder_dataset(data.path) if info.labelled else image_directory_dataset(data.path)
+    make = imagefolder_dataset if info.labelled else image_directory_dataset
+    return make(data.path, data.max_files, seed)

@@ -1,0 +1,101 @@
+"""Where a dataset lives: a local directory or a URI of any pyarrow filesystem (``s3://``, ``gs://`` ...).
+
+Listing happens on the driver, here; reading happens in Ray tasks, which get ``filesystem`` (None for
+the local disk, where Ray's default and ``open`` do). See ``raydino.objectstore`` for how an
+S3-compatible endpoint and credentials are found. No Ray here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raydino.objectstore import file_info, filesystem_of, is_uri, list_entries
+
+# torchvision's ImageFolder extensions (matched case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp")
+
+
+def is_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """A directory to list and read: ``path`` inside ``filesystem`` (None: the local disk)."""
+
+    uri: str
+    """As the user would write it: an absolute local path, or the URI (for messages and configs)."""
+    path: str
+    filesystem: pafs.FileSystem | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.filesystem is not None
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def child(self, name: str) -> DataLocation:
+        return DataLocation(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.filesystem)
+
+    def sibling(self, name: str) -> DataLocation:
+        """``<parent>/<name>``: ImageNet's ``val`` beside its ``train``."""
+        return DataLocation(
+            f"{self.uri.rstrip('/').rsplit('/', 1)[0]}/{name}", f"{self.path.rstrip('/').rsplit('/', 1)[0]}/{name}",
+            self.filesystem,
+        )
+
+    def kind(self) -> str:
+        """"dir", "file" or "missing" (an object store has a directory where objects share the prefix)."""
+        if not self.remote:
+            local = Path(self.path)
+            return "dir" if local.is_dir() else "file" if local.exists() else "missing"
+        info = file_info(self.filesystem, self.path, self.uri)
+        return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(info.type, "missing")
+
+    def subdirectories(self) -> list[str]:
+        """Sorted names of the directories directly under this one, hidden ones excluded."""
+        if not self.remote:
+            return sorted(e.name for e in os.scandir(self.path) if e.is_dir() and not e.name.startswith("."))
+        entries = list_entries(self.filesystem, self.path, self.uri, recursive=False)
+        names = (e.base_name for e in entries if e.type == pafs.FileType.Directory)
+        return sorted(n for n in names if not n.startswith("."))
+
+    def image_files(self) -> Iterator[str]:
+        """Paths (inside the filesystem) of the image files under this directory, sorted, recursively;
+        lazy on a local disk, so an existence check stops at the first one."""
+        if not self.remote:
+            for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if is_image(name):
+                        yield os.path.join(dirpath, name)
+            return
+        for entry in list_entries(self.filesystem, self.path, self.uri, recursive=True):
+            if entry.type == pafs.FileType.File and is_image(entry.base_name):
+                yield entry.path
+
+
+def locate(path: str | os.PathLike[str]) -> DataLocation:
+    """The location of a local directory (made absolute) or a URI (its filesystem resolved)."""
+    text = str(path)
+    if is_uri(text):
+        fs, inner = filesystem_of(text)
+        return DataLocation(text.rstrip("/"), inner, fs)
+    local = str(Path(text.removeprefix("file://")).expanduser().resolve())
+    return DataLocation(local, local)
+
+
+def read_file(path: str, filesystem: pafs.FileSystem | None) -> bytes:
+    """The bytes of one file, from the local disk or through ``filesystem`` (in a Ray task)."""
+    if filesystem is None:
+        with open(path, "rb") as f:
+            return f.read()
+    with filesystem.open_input_stream(path) as f:
+        return f.read()

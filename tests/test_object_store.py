@@ -1,0 +1,124 @@
+"""Data and checkpoints in object storage, against a real S3 API on loopback (moto's server): the
+standard AWS_ENDPOINT_URL / AWS_* variables, one-line errors before anything starts, an ImageFolder
+in a bucket trained on (a corrupt object skipped and counted), checkpoints written to and resumed
+from s3://."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from raydino.config import load_config, with_overrides
+from raydino.data.sources import imagefolder_dataset, list_imagefolder
+from raydino.locations import locate
+from raydino.objectstore import ObjectStoreError
+from raydino.plan import check_data_path, plan_run, standard_eval_paths
+from raydino.pretrain import pretrain
+from raydino.storage import join_storage, resolve_storage
+from tests.images import small_imagefolder
+from tests.object_store import CREDENTIALS, create_bucket, free_port, keys, moto_endpoint_with_auth, upload
+from tests.tiny import TINY_RUN
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, tmp_path_factory) -> str:
+    """s3://data with train/ (80 objects, one corrupt) and val/ beside it, ImageNet's layout."""
+    create_bucket("data")
+    local = tmp_path_factory.mktemp("bucket")
+    small_imagefolder(local / "train")
+    shutil.copytree(local / "train", local / "val", ignore=shutil.ignore_patterns("broken.jpg", "3*.png"))
+    upload(str(local), "s3://data/imagenet")
+    return "s3://data/imagenet"
+
+
+def test_remote_storage_is_checked_writable_and_stays_a_uri(s3, tmp_path, monkeypatch):
+    create_bucket("runs")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage("s3://runs/raydino/") == "s3://runs/raydino"
+    assert keys("s3://runs/raydino") == []  # the write probe leaves nothing behind
+    assert join_storage("s3://runs/raydino", "sweep", "train") == "s3://runs/raydino/sweep/train"
+    plan = plan_run(load_config(overrides=["checkpoint.storage_path=s3://runs/raydino", "tracking.run_name=r"]))
+    assert plan.storage == plan.cfg.checkpoint.storage_path == "s3://runs/raydino"
+    assert plan.run_dir == "s3://runs/raydino/r"
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_bucket_is_listed_like_a_folder(ray_session, bucket):
+    root, files = list_imagefolder(f"{bucket}/train")
+    assert root.remote and list(files) == ["class0", "class1"]
+    assert [len(v) for v in files.values()] == [40, 40]  # broken.jpg is listed: it is skipped when decoded
+    assert all(p.startswith("data/imagenet/train/class") for v in files.values() for p in v)
+    source = imagefolder_dataset(f"{bucket}/train/")
+    assert source.classes == ("class0", "class1") and source.num_files == 80
+
+
+def test_the_standard_layout_in_a_bucket_gives_a_knn(bucket):
+    cfg = load_config(overrides=["data.source=imagefolder", f"data.path={bucket}/train"])
+    assert standard_eval_paths(cfg) == {"eval.train_path": f"{bucket}/train", "eval.test_path": f"{bucket}/val"}
+
+
+def test_missing_prefix_and_missing_bucket_name_the_path(s3, bucket):
+    for uri in (f"{bucket}/nope", "s3://no-such-bucket/x"):
+        cfg = load_config(overrides=["data.source=imagefolder", f"data.path={uri}"])
+        with pytest.raises(FileNotFoundError, match=f"data path '{uri}' does not exist"):
+            check_data_path(cfg)
+
+
+@pytest.mark.timeout(120)
+def test_wrong_endpoint_is_one_line_before_anything_starts(s3, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    cfg = load_config(overrides=["data.source=imagefolder", "data.path=s3://data/imagenet/train"])
+    for attempt in (lambda: check_data_path(cfg), lambda: resolve_storage("s3://runs/raydino")):
+        with pytest.raises(ObjectStoreError) as err:
+            attempt()
+        message = str(err.value)
+        assert "\n" not in message and "cannot reach the object store" in message
+        assert endpoint in message and "AWS_ENDPOINT_URL" in message
+
+
+@pytest.mark.timeout(120)
+def test_refused_credentials_are_one_line(monkeypatch):
+    with moto_endpoint_with_auth() as endpoint:
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)  # keys that the server does not know
+        for attempt in (lambda: locate("s3://data/train").kind(), lambda: resolve_storage("s3://runs/raydino")):
+            with pytest.raises(ObjectStoreError) as err:
+                attempt()
+            message = str(err.value)
+            assert "\n" not in message and "refused the credentials" in message and "AWS_ACCESS_KEY_ID" in message
+
+
+def test_a_uri_pyarrow_cannot_open_is_named():
+    with pytest.raises(ObjectStoreError, match="nosuchscheme://x/y: not a location pyarrow can open"):
+        locate("nosuchscheme://x/y")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucket, tmp_path):
+    create_bucket("checkpoints")
+    cfg = load_config(overrides=[
+        *TINY_RUN, "data.batch_size_per_worker=8", "data.crop_batch_size=32", "eval.max_images=60",
+        "data.source=imagefolder", f"data.path={bucket}/train", "checkpoint.storage_path=s3://checkpoints/runs",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.run_name=from-s3", "tracking.log_every_steps=1",
+        "optim.epochs=1",
+    ])
+    first = pretrain(cfg, log=lambda _: None)
+    steps_per_epoch = 80 // 2 // 8
+    assert first.result.steps == steps_per_epoch and first.result.skipped_images == 1
+    # the standard layout in the bucket gave the kNN its folders
+    params = MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id).data.params
+    assert params["eval.test_path"] == f"{bucket}/val" and "knn_top1" in first.final.metrics
+    stored = keys("s3://checkpoints/runs/from-s3")
+    assert any(k.startswith("checkpoint_") for k in stored), stored
+
+    second = pretrain(with_overrides(cfg, {"optim.epochs": 2}), log=lambda _: None)
+    assert second.result.steps == 2 * steps_per_epoch
+    client = MlflowClient(second.tracking_uri)
+    history = sorted(m.step for m in client.get_metric_history(second.mlflow_run_id, "loss"))
+    # resumed from the checkpoint in the bucket: every step logged once, none trained twice
+    assert history == list(range(1, 2 * steps_per_epoch + 1)), history
+    assert second.mlflow_run_id == first.mlflow_run_id
