@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raydino-installed
 
-.PHONY: demo test test-fast bench install
+.PHONY: demo test test-fast bench install rehearse
 
 install: $(STAMP)
 
@@ -27,3 +27,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/vmf_overhead.py
+
+# cluster.yaml's node types on Ray's fake multi-node autoscaler, a sweep submitted as a job (README: Scale out)
+rehearse: $(STAMP)
+	$(BIN)/python -m raydino.rehearsal cluster.yaml --workdir rehearsal

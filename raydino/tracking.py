@@ -207,7 +207,7 @@ class RunLogger:
 
 def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """Every run of an experiment (or the children of one parent) as flat dicts:
-    ``run_id``, ``run_name``, ``status``, ``params.<key>``, ``metrics.<key>``, ``tags.<key>``."""
+    ``run_id``, ``run_name``, ``status``, ``start_time`` (epoch seconds), ``params.<key>``, ``metrics.<key>``, ``tags.<key>``."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -219,7 +219,8 @@ def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> 
     while True:
         page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
         for run in page:
-            row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status}
+            row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+                                   "start_time": run.info.start_time / 1000}
             row.update({f"params.{k}": v for k, v in run.data.params.items()})
             row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
             row.update({f"tags.{k}": v for k, v in run.data.tags.items()})

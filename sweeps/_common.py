@@ -133,11 +133,12 @@ def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.Pat
 def run_cli(main: Any) -> int:
     """Run a script's ``main`` and turn the errors a user can fix (config, data path, tracking
     store, checkpoint storage) into one line instead of a traceback."""
+    from raydino.objectstore import ObjectStoreError
     from raydino.storage import StorageError
     from raydino.tracking import TrackingError
 
     try:
         return main()
-    except (ConfigError, TrackingError, StorageError, FileNotFoundError) as exc:
+    except (ConfigError, TrackingError, StorageError, ObjectStoreError, FileNotFoundError) as exc:
         print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
         return 2

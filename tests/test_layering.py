@@ -22,7 +22,7 @@ LAYERS = [
     {"train", "export", "compare", "local_run"},
     {"pretrain"},
     {"sweep", "sweep_report"},
-    {"cli"},
+    {"cli", "rehearsal"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -31,6 +31,7 @@ RAY_MODULES = {
     "raydino.data.clock", "raydino.data.eval_data", "raydino.data.pipeline", "raydino.data.sources",
     "raydino.train.driver", "raydino.train.loop",
     "raydino.sweep.bookkeeping", "raydino.sweep.run", "raydino.sweep.spec", "raydino.sweep.trial",
+    "raydino.rehearsal",
 }
 MLFLOW_MODULES = {"raydino.tracking"}
 
