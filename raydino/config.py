@@ -242,6 +242,10 @@ class TrackingConfig(_Section):
     experiment: str = Field("raydino", min_length=1)
     run_name: str | None = Field(None, description="names the MLflow run and the Ray Train run (resume key)")
     log_every_steps: int = Field(10, ge=1)
+    progress_seconds: float = Field(
+        30.0, gt=0.0, description="rank 0 prints a progress line (images/s, data wait, ETA) this often within an epoch"
+    )
+    system_metrics: bool = Field(False, description="MLflow's system metrics (CPU, memory, GPU) for the run")
 
 
 class EvalConfig(_Section):

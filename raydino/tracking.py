@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,23 @@ def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> 
         token = page.token
         if not token:
             return rows
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float) -> Callable[[], None]:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where pynvml finds one)
+    on this process's machine, logging into ``run_id`` every ``interval_s``; returns its stop function."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri, resume_logging=True)
+    monitor.start()
+
+    def stop() -> None:
+        monitor.finish()
+        monitor.collect_metrics()  # the monitor drops a partial interval: log one last sample, so no run ends without
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+
+    return stop
 
 
 def ui_command(uri: str) -> str:

@@ -47,7 +47,8 @@ def trained(ray_session, tmp_path_factory):
     here); DINO-vMF runs end to end in the other tests of this module and in test_multinode."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e",
-               f"checkpoint.storage_path={tmp_path / 'runs'}", "loss.method=ibot", "loss.vmf=true")
+               f"checkpoint.storage_path={tmp_path / 'runs'}", "loss.method=ibot", "loss.vmf=true",
+               "tracking.progress_seconds=0.001", "tracking.system_metrics=true")  # a progress window every step
     loads = []
     with pytest.MonkeyPatch.context() as mp:  # count the evaluation-data loads of the whole run
         for module in (driver, pretrain_module):
@@ -78,6 +79,13 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     for term in ("cls_loss", "patch_loss"):  # both iBOT terms at every logged step
         assert [m.step for m in client.get_metric_history(run.info.run_id, term)] == [m.step for m in losses]
     assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2  # once per epoch
+    # throughput within the epoch (a window per step here): global images/s, step time, data-wait share
+    rates = client.get_metric_history(run.info.run_id, "images_per_second")
+    assert len(rates) >= summary.result.steps // 2 and all(m.value > 0 for m in rates)
+    for m in client.get_metric_history(run.info.run_id, "step_seconds"):
+        assert 0 < m.value < 60
+    assert all(0 <= m.value <= 1 for m in client.get_metric_history(run.info.run_id, "data_wait_fraction"))
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), sorted(run.data.metrics)
     assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in the working directory
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "model", "checkpoint"} <= artifacts

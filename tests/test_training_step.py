@@ -143,3 +143,10 @@ def test_build_seeds_identical_weights():
     a, b = DINOStep.build(cfg, torch.device("cpu")), DINOStep.build(cfg, torch.device("cpu"))
     for (name, x), y in zip(a.student_module.state_dict().items(), b.teacher.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_adamw_uses_the_multi_tensor_kernel_off_cuda():
+    cfg = load_config(overrides=TINY_NET)
+    student, _ = build_models(cfg)
+    optimizer = build_optimizer(cfg, student)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults.get("fused")

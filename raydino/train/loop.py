@@ -32,6 +32,7 @@ from raydino.eval.prototypes import kappa_statistics
 from raydino.models import normalize_crops
 from raydino.step import DINOStep, NonFiniteGuard, NonFiniteLossError
 from raydino.train.checkpoint import TrainState, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from raydino.train.progress import ProgressMeter
 
 CHECKPOINT_PREFIX = "checkpoint"
 
@@ -99,10 +100,19 @@ class _Worker:
         self.latest_eval: dict[str, float] = {"knn_top1": float("nan")} if self.evaluating else {}
         self.logger = None
         self.logged_upto = -1  # steps at or below were logged by an earlier attempt: one history, no repeats
+        self.stop_system_metrics = None
         if self.rank == 0 and plan.tracking_uri and plan.mlflow_run_id:
-            from raydino.tracking import RunLogger
+            from raydino.tracking import RunLogger, start_system_metrics
 
             self.logger = RunLogger(plan.tracking_uri, plan.mlflow_run_id)
+            if self.cfg.tracking.system_metrics:
+                interval = min(10.0, max(1.0, self.cfg.tracking.progress_seconds))
+                self.stop_system_metrics = start_system_metrics(plan.tracking_uri, plan.mlflow_run_id, interval)
+        self.progress = ProgressMeter(
+            global_batch=self.cfg.data.batch_size_per_worker * self.ctx.get_world_size(),
+            steps_per_epoch=plan.steps_per_epoch, total_steps=self.total_steps,
+            every_seconds=self.cfg.tracking.progress_seconds,
+        ) if self.rank == 0 else None
 
     def restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
@@ -127,6 +137,21 @@ class _Worker:
         (before the crash that this attempt resumed from) is not logged again."""
         if self.logger is not None and self.step > self.logged_upto:
             self.logger.log_metrics({**metrics, "epoch": self.epoch}, self.step)
+
+    def measure(self, data_wait: float, compute: float) -> None:
+        """Rank 0: record one step; every ``tracking.progress_seconds`` print a progress line and log
+        images/s, step time, data wait share (and peak accelerator memory) to MLflow."""
+        if self.progress is None:
+            return
+        self.progress.record(data_wait, compute)
+        if not self.progress.due():
+            return
+        figures, lines = self.progress.report(self.step, self.epoch, self.batch_in_epoch)
+        for line in lines:
+            _say(f"raydino: {line}")
+        if self.device.type == "cuda":
+            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log(figures)
 
     def save(self, metrics: dict[str, float]) -> None:
         """Checkpoint and report; every report carries the latest evaluation, so a Tune scheduler
@@ -184,6 +209,7 @@ class _Worker:
                 local_shuffle_buffer_size=self.cfg.data.shuffle_buffer_batches * batch_size or None,
                 local_shuffle_seed=self.cfg.seed + 1000 * self.epoch + self.rank,
                 device="cpu",
+                pin_memory=self.device.type == "cuda",  # page-locked batches: normalize_crops copies non_blocking
             )
         )
 
@@ -214,10 +240,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker.restore()
     stream = worker.stream()
     names = crop_names(cfg.data.crops.local_number)
+    try:
+        _train(worker, plan, stream, names)
+    finally:
+        if worker.stop_system_metrics is not None:
+            worker.stop_system_metrics()
+
+
+def _train(worker: _Worker, plan: WorkerPlan, stream: Iterator[dict[str, torch.Tensor]], names: list[str]) -> None:
+    cfg = plan.cfg
     metrics: dict[str, float] = {}
     while worker.epoch < cfg.optim.epochs:
         started = time.perf_counter()
         while worker.batch_in_epoch < plan.steps_per_epoch:
+            waiting = time.perf_counter()
             batch = next(stream, None)
             if batch is None:
                 raise RuntimeError(
@@ -226,10 +262,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "logged as 'skipping undecodable image <path>'); remove them, or files deleted since the start, "
                     f"and run again to resume (last checkpoint: step {worker.last_checkpoint})."
                 )
-            result = worker.train_step(batch, names)
+            computing = time.perf_counter()
+            result = worker.train_step(batch, names)  # its metrics are floats: the device has finished the step
             metrics = result or metrics
             worker.step += 1
             worker.batch_in_epoch += 1
+            worker.measure(computing - waiting, time.perf_counter() - computing)
             due = result is not None and worker.step % cfg.tracking.log_every_steps == 0
             if due and worker.batch_in_epoch < plan.steps_per_epoch:  # the last step logs with its epoch, at once
                 worker.log({**metrics, **_kappa_metrics(worker.step_fn, metrics["teacher_temp"])})
