@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Iterable
 
@@ -109,6 +110,17 @@ def _ray_sizes(data: ArrayDataset, cfg, workers: int, batch: int, epochs: int) -
 
 
 def main() -> None:
+    if "--geometry" in sys.argv:  # --geometry imagenet: JPEG files at ImageNet's size (multicrop_imagenet.py)
+        at = sys.argv.index("--geometry")
+        geometry, rest = sys.argv[at + 1], sys.argv[1:at] + sys.argv[at + 2:]
+        if geometry == "imagenet":
+            from multicrop_imagenet import main as imagenet_main
+
+            imagenet_main(rest)
+            return
+        if geometry != "digits":
+            raise SystemExit(f"--geometry: digits (default) or imagenet, not {geometry!r}")
+        sys.argv = [sys.argv[0], *rest]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers = Ray Data actors (default: the preset's)"

@@ -1,0 +1,195 @@
+"""Multi-crop at ImageNet geometry: JPEG files -> decode -> 2x224 + 10x96 crops, images/s per core.
+
+Run as ``python benchmarks/multicrop.py --geometry imagenet`` (or this file). The files are JPEGs
+of ImageNet's typical size (333-427 x 440-560 px) cut from real photos
+(``raydino.rehearsal.imagenet_geometry_jpegs``); the crops are the ``imagenet_vit_small``
+preset's (DINO's augmentations). Three pipelines, each with ``--workers`` worker processes, over
+the same files, timed after their first epoch (start-up excluded):
+
+- raydino: Ray Data reads the files and decodes them in tasks, the multi-crop stage crops them in
+  batches on ``--workers`` actors (``imagefolder_dataset`` + ``multicrop_dataset``, as training);
+- the same decode and crop code in a torch DataLoader, image by image (``MultiCrop.__call__``);
+- DINO's own pipeline: ``main_dino.py``'s ``DataAugmentationDINO`` (PIL and torchvision's v1
+  transforms, image by image, float output) over ``ImageFolder`` in a DataLoader, transcribed here.
+
+Per core = images/s / cores used: ``--workers`` for the DataLoaders, ``--workers`` + 1 for Ray Data
+(its decode tasks run beside the crop actors).
+From raydino's figure it prints how many cores (and crop actors) one GPU needs to be fed at
+``--gpu-images-per-second`` (a measured ``benchmarks/gpu_step.py`` figure, or a published one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray
+import ray.data
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from raydino.config import load_config
+from raydino.data.augment import MultiCrop
+from raydino.data.pipeline import epoch_stream, multicrop_dataset
+from raydino.data.sources import decode_image, imagefolder_dataset
+from raydino.rehearsal import imagenet_geometry_jpegs
+
+
+def dino_augmentation(local_number: int):
+    """``DataAugmentationDINO`` of facebookresearch/dino ``main_dino.py`` (default scales), verbatim in
+    behaviour: PIL images in, 2 global + ``local_number`` local normalised float tensors out."""
+    import random
+
+    from PIL import ImageFilter, ImageOps
+    from torchvision import transforms
+
+    class GaussianBlur:
+        def __init__(self, p=0.5, radius_min=0.1, radius_max=2.0):
+            self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+        def __call__(self, img):
+            if random.random() > self.prob:
+                return img
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+    class Solarization:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            return ImageOps.solarize(img) if random.random() < self.p else img
+
+    flip_and_color_jitter = transforms.Compose([
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ])
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    global1 = transforms.Compose([transforms.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+                                  flip_and_color_jitter, GaussianBlur(1.0), normalize])
+    global2 = transforms.Compose([transforms.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+                                  flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
+    local = transforms.Compose([transforms.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic),
+                                flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
+
+    def crops(image):
+        return [global1(image), global2(image), *(local(image) for _ in range(local_number))]
+
+    return crops
+
+
+class _DinoFolder(Dataset):
+    def __init__(self, files: list[Path], local_number: int) -> None:
+        self.files, self.augment = files, dino_augmentation(local_number)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        from PIL import Image
+
+        with open(self.files[i], "rb") as f:
+            image = Image.open(f).convert("RGB")  # torchvision's pil_loader
+        return self.augment(image)
+
+
+class _RaydinoFolder(Dataset):
+    def __init__(self, files: list[Path], multicrop: MultiCrop) -> None:
+        self.files, self.multicrop = files, multicrop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        return self.multicrop(torch.from_numpy(decode_image(self.files[i].read_bytes())))
+
+
+def _steady_rate(sizes: Iterable[int], epoch_rows: int) -> float:
+    """Images/s after the first epoch's worth of images."""
+    total, warm_at, warm_rows = 0, None, 0
+    for n in sizes:
+        total += n
+        if warm_at is None and total >= epoch_rows:
+            warm_at, warm_rows = time.perf_counter(), total
+    return (total - warm_rows) / (time.perf_counter() - warm_at)
+
+
+def _loader(dataset: Dataset, workers: int, batch: int, epochs: int) -> Iterable[int]:
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=True, shuffle=True)
+    for _ in range(epochs):
+        for crops in loader:
+            yield len(crops[0])
+
+
+def _ray(root: Path, cfg, workers: int, batch: int, epochs: int) -> Iterable[int]:
+    source = imagefolder_dataset(root)
+    ds = multicrop_dataset(epoch_stream(source.dataset, epochs, None), cfg.data.crops, 0, workers, batch)
+    for crops in ds.iter_batches(batch_size=batch, batch_format="numpy"):
+        yield len(crops["global_0"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per pipeline (crop actors for Ray)")
+    parser.add_argument("--images-per-class", type=int, default=48, help="JPEGs per class (two classes)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16, help="images per DataLoader batch and per crop-actor call")
+    parser.add_argument("--preset", default="imagenet_vit_small")
+    parser.add_argument("--gpu-images-per-second", type=float, default=None,
+                        help="training images/s of one GPU to feed (default: print the formula only)")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the steady state is timed after the first epoch")
+    cfg = load_config(preset=args.preset)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="raydino-imagenet-geometry-") as tmp:
+        root = imagenet_geometry_jpegs(Path(tmp), args.images_per_class)
+        files = sorted(root.rglob("*.jpg"))
+        ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        rates: dict[str, list[float]] = {"raydino (Ray Data)": [], "raydino code, DataLoader": [], "DINO's pipeline": []}
+        for _ in range(args.rounds):
+            rates["raydino (Ray Data)"].append(_steady_rate(_ray(root, cfg, args.workers, args.batch, args.epochs), len(files)))
+            rates["raydino code, DataLoader"].append(_steady_rate(
+                _loader(_RaydinoFolder(files, MultiCrop(cfg.data.crops)), args.workers, args.batch, args.epochs), len(files)))
+            rates["DINO's pipeline"].append(_steady_rate(
+                _loader(_DinoFolder(files, cfg.data.crops.local_number), args.workers, args.batch, args.epochs), len(files)))
+            print("  round: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " images/s", flush=True)
+        ray.shutdown()
+    crops = cfg.data.crops
+    print(f"multicrop at ImageNet geometry: {len(files)} JPEGs (333-427 x 440-560 px), 2x{crops.global_size}+"
+          f"{crops.local_number}x{crops.local_size} crops ({args.preset}), {args.workers} worker(s) each "
+          f"(+1 CPU for Ray Data's decode tasks), median of {args.rounds} rounds, machine {os.cpu_count()} CPUs")
+    dino = rates["DINO's pipeline"]
+    cores = {"raydino (Ray Data)": args.workers + 1}  # its crop actors plus the CPU of the decode tasks
+    per_core: dict[str, float] = {}
+    for name, values in rates.items():
+        median = statistics.median(values)
+        per_core[name] = median / cores.get(name, args.workers)
+        ratio = statistics.median(v / d for v, d in zip(values, dino))
+        print(f"  {name:26s} {median:7.1f} images/s on {cores.get(name, args.workers)} core(s): "
+              f"{per_core[name]:6.1f} per core  (images/s ratio to DINO's {ratio:.2f})")
+    per_core = per_core["raydino (Ray Data)"]
+    if args.gpu_images_per_second:
+        cores = args.gpu_images_per_second / per_core
+        print(f"  one GPU at {args.gpu_images_per_second:.0f} images/s needs about {cores:.0f} CPU cores of "
+              "decoding and multi-crop at this per-core rate")
+    else:
+        print(f"  cores per GPU = (GPU training images/s) / {per_core:.1f}; pass --gpu-images-per-second")
+
+
+if __name__ == "__main__":
+    main()
