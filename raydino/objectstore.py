@@ -4,8 +4,8 @@ Any URI pyarrow resolves (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``) works 
 checkpoints alike. An S3-compatible store (MinIO, Ceph, moto) is reached the standard way:
 ``AWS_ENDPOINT_URL`` and the usual ``AWS_*`` variables, which pyarrow reads when it resolves the URI.
 The resolved filesystem, endpoint included, is what Ray tasks receive, so workers need no endpoint
-setting of their own; credentials come from each node's own chain (environment, profile, instance
-role), as for any AWS client.
+setting of their own; keys set in the driver's environment travel with it too, otherwise each node
+uses its own chain (profile, instance role), as any AWS client does.
 
 No Ray and no MLflow here: the driver checks a location before any worker starts.
 """
@@ -68,7 +68,22 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
             f"{uri}: not a location pyarrow can open ({' '.join(str(exc).split())[:200]}); use a local "
             "directory or a URI such as s3://bucket/prefix or gs://bucket/prefix"
         ) from None
-    return fs, path.rstrip("/")
+    return _with_driver_credentials(fs), path.rstrip("/")
+
+
+def _with_driver_credentials(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """An S3 filesystem carrying the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and session
+    token) when they are set: Ray's processes (started before, or on other nodes) may not have them.
+    Without them in the environment, each node keeps its own chain (profile, instance role)."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not isinstance(fs, pafs.S3FileSystem) or not key or not secret:
+        return fs
+    options = fs.__reduce__()[1][0]  # the options pyarrow resolved from the URI and the environment
+    return pafs.S3FileSystem(
+        access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=fs.region, scheme=options["scheme"], endpoint_override=options["endpoint_override"] or None,
+        force_virtual_addressing=options["force_virtual_addressing"],
+    )
 
 
 def file_info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:

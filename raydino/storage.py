@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from raydino.objectstore import check_writable, is_uri
+from raydino.objectstore import check_writable, filesystem_of, is_uri
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 DEFAULT_STORAGE = "raydino_runs"
 
@@ -53,3 +57,13 @@ def join_storage(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(base, *parts))
+
+
+def ray_storage(storage: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's and Tune's RunConfig: a remote URI as its
+    filesystem resolved here, on the driver, with the endpoint in it (AWS_ENDPOINT_URL), so Ray's
+    controller and workers need no endpoint setting of their own; a local directory as itself."""
+    if not is_remote(storage):
+        return storage, None
+    filesystem, path = filesystem_of(storage)
+    return path, filesystem

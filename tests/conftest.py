@@ -43,9 +43,11 @@ def ray_session() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[str]:
+def s3(ray_session, tmp_path_factory) -> Iterator[str]:
     """A real S3 API (moto's server on 127.0.0.1) for one test module, reached the standard way:
-    AWS_ENDPOINT_URL and AWS_* credentials in the environment (restored after)."""
+    AWS_ENDPOINT_URL and AWS_* credentials in the environment (restored after). Ray starts first, so
+    its workers never see these variables: as on a cluster whose nodes were not started with them,
+    the endpoint must travel with the filesystem the driver resolved."""
     from tests.object_store import CREDENTIALS, moto_endpoint
 
     with moto_endpoint() as endpoint, pytest.MonkeyPatch.context() as mp:

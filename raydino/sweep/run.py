@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.sample import Domain
 
 from raydino.plan import check_data_path
-from raydino.storage import join_storage, resolve_storage
+from raydino.storage import join_storage, ray_storage, resolve_storage
 from raydino.sweep.bookkeeping import TrialBookkeeping, close_children
 from raydino.sweep.spec import (
     SweepResult,
@@ -92,6 +92,7 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
             reduction_factor=spec.asha.reduction_factor,
         )
     overrides = {k: tune.grid_search(v) if isinstance(v, list) else v for k, v in spec.space.items()}
+    tune_path, tune_filesystem = ray_storage(storage)  # a remote URI as a filesystem with its endpoint
     tuner = tune.Tuner(
         trainable,
         param_space={"overrides": overrides},
@@ -103,7 +104,8 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
         ),
         run_config=tune.RunConfig(
             name=spec.name,
-            storage_path=storage,
+            storage_path=tune_path,
+            storage_filesystem=tune_filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.trial_retries),
             callbacks=[bookkeeping],
             verbose=0,

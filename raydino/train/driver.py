@@ -27,7 +27,7 @@ from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
 from raydino.plan import RunPlan
 from raydino.step import TrainingDiverged
-from raydino.storage import is_remote, join_storage, resolve_storage
+from raydino.storage import is_remote, join_storage, ray_storage, resolve_storage
 from raydino.train.loop import WorkerPlan, train_loop_per_worker
 
 
@@ -189,13 +189,15 @@ def run_pretraining(
     )
     eval_data = load_eval_data(cfg)  # once per run: the final evaluation gets it from TrainResult
     worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, eval_data, plan.tracking_uri, plan.mlflow_run_id)
+    storage_path, storage_filesystem = ray_storage(plan.storage)
     trainer = build_trainer(
         cfg,
         dataset,
         worker_plan,
         ray.train.RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
             callbacks=run_callbacks,
