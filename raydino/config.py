@@ -218,7 +218,12 @@ class OptimConfig(_Section):
     freeze_last_layer_epochs: float = Field(1, ge=0)
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     decay_prototype_norms: bool = True
+    layer_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="layer-wise lr decay (iBOT, DINOv2): block l of L trains at "
+        "lr * layer_decay ** (L + 1 - l), the embeddings slowest; 1.0 = off",
+    )
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    compile: bool = Field(False, description="torch.compile student and teacher (in place; minutes of compiling first)")
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop", description="on a NaN/Inf loss: stop with the step and the last good checkpoint, or skip the step"
     )

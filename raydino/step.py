@@ -94,13 +94,15 @@ def build_optimizer(cfg: Config, student: nn.Module) -> torch.optim.Optimizer:
     the student is on CUDA, the multi-tensor (foreach) one elsewhere: the same update, fewer launches."""
     on_cuda = next(student.parameters()).is_cuda
     kernel = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(param_groups(student, cfg.optim.decay_prototype_norms), lr=0.0, weight_decay=0.0, **kernel)
+    groups = param_groups(student, cfg.optim.decay_prototype_norms, cfg.optim.layer_decay)
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, **kernel)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
     """This step's lr and weight decay; a frozen last layer gets lr 0 (and the step drops its gradients)."""
     for group in optimizer.param_groups:
-        group["lr"] = values.last_layer_lr if group["is_last_layer"] else values.lr
+        lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay; groups of older checkpoints have no scale
         group["weight_decay"] = values.weight_decay if group["apply_weight_decay"] else 0.0
 
 
@@ -145,6 +147,9 @@ class DINOStep:
         objective = build_objective(cfg).to(device)
         student, teacher = build_models(cfg, masked="masks" in objective.needs)
         teacher.to(device)
+        if cfg.optim.compile:  # in place (Module.compile): parameter names and checkpoints stay as in eager
+            student.compile()
+            teacher.compile()
         wrapped = wrap_student(student) if wrap_student is not None else student.to(device)
         module = wrapped.module if hasattr(wrapped, "module") else wrapped
         return cls(cfg, wrapped, module, teacher, objective, build_optimizer(cfg, module), device)

@@ -121,3 +121,29 @@ def test_vmf_logits_of_head_scores_add_the_log_normaliser_per_prototype():
     diff = vmf_logits(scores, head.prototype_norms(), 0.1, head.bottleneck_dim) - scores / 0.1
     expected = log_vmf_normalizer(torch.linspace(0.5, 2.0, 64) / 0.1, 16)
     torch.testing.assert_close(diff - diff[:, :1], (expected - expected[0]).expand(3, -1), rtol=1e-4, atol=1e-3)
+
+
+def test_layer_decay_scales_each_blocks_lr_and_leaves_it_off_at_one():
+    from raydino.config import load_config
+    from raydino.schedules import ScheduleValues
+    from raydino.step import apply_schedule, build_models, build_optimizer
+    from tests.tiny import TINY_NET
+
+    cfg = load_config(overrides=[*TINY_NET, "model.kwargs={patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}",
+                                 "optim.layer_decay=0.5"])
+    student, _ = build_models(cfg)
+    optimizer = build_optimizer(cfg, student)
+    values = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, last_layer_frozen=False, weight_decay=0.04,
+                            teacher_momentum=0.996, teacher_temp=0.04, teacher_patch_temp=0.04)
+    apply_schedule(optimizer, values)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(student.named_parameters())
+    # 3 blocks: embeddings 0.5**4, block i 0.5**(3 - i), after the blocks (norm, head, prototypes) 1
+    assert lr_of[id(names["backbone.patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.5**4)
+    assert lr_of[id(names["backbone.cls_token"])] == pytest.approx(1e-3 * 0.5**4)
+    for i in range(3):
+        assert lr_of[id(names[f"backbone.blocks.{i}.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.5 ** (3 - i))
+    assert lr_of[id(names["backbone.norm.weight"])] == pytest.approx(1e-3)
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for n, p in names.items() if n.startswith("head."))
+    off = build_optimizer(load_config(overrides=TINY_NET), build_models(load_config(overrides=TINY_NET))[0])
+    assert {g["lr_scale"] for g in off.param_groups} == {1.0} and len(off.param_groups) <= 4

@@ -150,3 +150,21 @@ def test_adamw_uses_the_multi_tensor_kernel_off_cuda():
     student, _ = build_models(cfg)
     optimizer = build_optimizer(cfg, student)
     assert optimizer.defaults["foreach"] is True and not optimizer.defaults.get("fused")
+
+
+@pytest.mark.slow  # about a minute of compiling on 2 cores
+@pytest.mark.timeout(600)
+def test_compiled_step_matches_eager():
+    """optim.compile: the same two steps (loss, student weights) as eager, within float tolerance."""
+    results = []
+    for compiled in (False, True):
+        cfg = load_config(overrides=[*TINY, f"optim.compile={str(compiled).lower()}", "optim.freeze_last_layer_epochs=0"])
+        step_fn = DINOStep.build(cfg, torch.device("cpu"))
+        torch.manual_seed(1)
+        losses = [step_fn(_random_crops(), step, 5)["loss"] for step in range(2)]
+        results.append((losses, {k: v.detach().clone() for k, v in step_fn.student_module.state_dict().items()}))
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = results
+    assert compiled_weights.keys() == eager_weights.keys()  # in-place compile: checkpoints keep their names
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=1e-3, atol=1e-5, msg=name)
