@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -232,3 +233,26 @@ def test_nan_skip_policy_stops_after_n_in_a_row(ray_session, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("raydino")
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_slow_data_stage_shows_in_the_data_wait(ray_session, tmp_path, monkeypatch):
+    """A data stage that cannot keep up (one task at a time, 10 ms per image after the crops): the trainers
+    wait on data most of the time; the run measures it, logs it and warns (printed, and tagged on the run)."""
+
+    def slow(batch):
+        time.sleep(0.01 * len(batch["label"]))
+        return batch
+
+    crops = driver.multicrop_dataset
+    monkeypatch.setattr(driver, "multicrop_dataset",
+                        lambda *a, **k: crops(*a, **k).map_batches(slow, batch_size=16, concurrency=1))
+    cfg = _cfg(tmp_path, "optim.epochs=1", "tracking.run_name=slow-data", "tracking.progress_seconds=2",
+               "eval.every_epochs=0", f"checkpoint.storage_path={tmp_path / 'runs'}")
+    summary = pretrain(cfg, log=lambda _: None)
+    waits = [m.value for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id,
+                                                                                   "data_wait_fraction")]
+    assert waits and statistics.median(waits) > 0.2, waits
+    warning = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).data.tags["raydino.slow_data_warning"]
+    assert "waited on data" in warning and "data.num_crop_actors" in warning

@@ -149,6 +149,8 @@ class _Worker:
         figures, lines = self.progress.report(self.step, self.epoch, self.batch_in_epoch)
         for line in lines:
             _say(f"raydino: {line}")
+        if len(lines) > 1 and self.logger is not None:  # the slow-data warning, kept on the run as well
+            self.logger.set_tags({"raydino.slow_data_warning": lines[1]})
         if self.device.type == "cuda":
             figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(figures)
