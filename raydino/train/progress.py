@@ -3,7 +3,7 @@
 An ImageNet epoch is about 1,250 steps and an hour; one line per epoch leaves a user blind. Rank 0
 feeds every step's data wait and compute time here and prints a line every
 ``tracking.progress_seconds``; the same figures go to MLflow. A data stage that keeps the trainers
-waiting is named once per run, with the knobs that feed it. Pure Python (no Ray, no torch).
+waiting is named once per run, with the knobs that feed it (not in the first window: start-up). Pure Python (no Ray, no torch).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class ProgressMeter:
     _computes: list[float] = field(default_factory=list)
     _window_start: float | None = None
     warned_slow_data: bool = False
+    windows: int = 0
+    """Windows reported so far; the first holds the start-up (crop actors importing torch, first blocks)
+    and never warns."""
 
     def record(self, data_wait: float, compute: float) -> None:
         if self._window_start is None:
@@ -71,7 +74,8 @@ class ProgressMeter:
             f"epoch ends in {_duration(epoch_left)}, run in {_duration(run_left)}"
         )
         lines = [line]
-        if figures["data_wait_fraction"] > SLOW_DATA_FRACTION and not self.warned_slow_data:
+        self.windows += 1
+        if figures["data_wait_fraction"] > SLOW_DATA_FRACTION and not self.warned_slow_data and self.windows > 1:
             self.warned_slow_data = True
             lines.append(
                 f"warning: the trainers waited on data {100 * figures['data_wait_fraction']:.0f}% of the last "
