@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydino.data.eval_data import _imagefolder_arrays, sample_imagefolder, stratified_sample
+from raydino.data.eval_data import _imagefolder_arrays, sample_imagefolder
+from raydino.data.sources import stratified_sample
 
 
 def test_stratified_sample_keeps_class_proportions_and_the_limit():

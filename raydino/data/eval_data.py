@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from raydino.config import Config
 from raydino.data.embedded import load_embedded
-from raydino.data.sources import decode_image, list_imagefolder, stratified_sample
+from raydino.data.sources import decode_image, list_imagefolder, sample_listing
 from raydino.eval.data import EvalData
 from raydino.locations import read_file
 from raydino.plan import standard_eval_paths
@@ -57,12 +57,8 @@ def sample_imagefolder(
     labels, the number of classes and the filesystem to read them through (None: local): from the
     listing alone, nothing is read."""
     root, files = list_imagefolder(path)
-    keep = stratified_sample([len(f) for f in files.values()], limit, np.random.default_rng(seed))
-    paths, labels = [], []
-    for label, (class_paths, idx) in enumerate(zip(files.values(), keep)):
-        paths += [class_paths[i] for i in idx]
-        labels += [label] * len(idx)
-    return paths, labels, len(files), root.filesystem
+    picked = sample_listing(list(files.values()), limit, seed)
+    return [p for _, p in picked], [label for label, _ in picked], len(files), root.filesystem
 
 
 def decode_files(

@@ -203,11 +203,6 @@ def _files_dataset(
     return ds, SkippedImages(skip_log)
 
 
-def list_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """Sorted class directory names (hidden ones excluded): labels come from the listing, never from the files read."""
-    return tuple(_check_dir(path, _IMAGEFOLDER).subdirectories())
-
-
 _IMAGEFOLDER = "an ImageFolder directory: <path>/<class_name>/<image files>"
 
 
@@ -236,9 +231,11 @@ def list_imagefolder(path: str | os.PathLike[str]) -> tuple[DataLocation, dict[s
     return root, files
 
 
-def _sampled(files: list[list[str]], max_files: int, seed: int) -> list[str]:
-    keep = stratified_sample([len(f) for f in files], max_files, np.random.default_rng(seed))
-    return [group[i] for group, idx in zip(files, keep) for i in idx]
+def sample_listing(groups: list[list[str]], limit: int, seed: int) -> list[tuple[int, str]]:
+    """(group index, path) for a seeded sample of at most ``limit`` listed paths, each group (class) in
+    proportion to its size (``stratified_sample``); group by group, in listing order."""
+    keep = stratified_sample([len(g) for g in groups], limit, np.random.default_rng(seed))
+    return [(label, group[i]) for label, (group, idx) in enumerate(zip(groups, keep)) for i in idx]
 
 
 def imagefolder_dataset(path: str | os.PathLike[str], max_files: int | None = None, seed: int = 0) -> ImageSource:
@@ -253,7 +250,7 @@ def imagefolder_dataset(path: str | os.PathLike[str], max_files: int | None = No
     directories = [root.child(c) for c in classes]
     class_to_idx = {name: i for i, name in enumerate(classes)}
     if max_files is not None:
-        files = _sampled([list(d.image_files()) for d in directories], max_files, seed)
+        files = [path for _, path in sample_listing([list(d.image_files()) for d in directories], max_files, seed)]
         if not files:
             raise _no_images(root)
         ds, skipped = _files_dataset(files, root, class_to_idx)
@@ -271,7 +268,7 @@ def image_directory_dataset(path: str | os.PathLike[str], max_files: int | None 
     expected = "a directory holding image files (searched recursively)"
     root = _check_dir(path, expected)
     if max_files is not None:
-        files = _sampled([list(root.image_files())], max_files, seed)
+        files = [path for _, path in sample_listing([list(root.image_files())], max_files, seed)]
         num_files, paths = len(files), files
     else:
         num_files, paths = sum(1 for _ in root.image_files()), [root.path]

@@ -146,11 +146,12 @@ class _Worker:
         self.progress.record(data_wait, compute)
         if not self.progress.due():
             return
-        figures, lines = self.progress.report(self.step, self.epoch, self.batch_in_epoch)
-        for line in lines:
-            _say(f"raydino: {line}")
-        if len(lines) > 1 and self.logger is not None:  # the slow-data warning, kept on the run as well
-            self.logger.set_tags({"raydino.slow_data_warning": lines[1]})
+        figures, line, warning = self.progress.report(self.step, self.epoch, self.batch_in_epoch)
+        _say(f"raydino: {line}")
+        if warning is not None:
+            _say(f"raydino: {warning}")
+            if self.logger is not None:  # kept on the run as well
+                self.logger.set_tags({"raydino.slow_data_warning": warning})
         if self.device.type == "cuda":
             figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(figures)

@@ -3,7 +3,8 @@
 An ImageNet epoch is about 1,250 steps and an hour; one line per epoch leaves a user blind. Rank 0
 feeds every step's data wait and compute time here and prints a line every
 ``tracking.progress_seconds``; the same figures go to MLflow. A data stage that keeps the trainers
-waiting is named once per run, with the knobs that feed it (not in the first window: start-up). Pure Python (no Ray, no torch).
+waiting is named once per run, with the knobs that feed it (not in the first window: start-up).
+Pure Python (no Ray, no torch).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class ProgressMeter:
-    """Steps of one window: data wait and compute per step; ``tick`` reports when the window is due."""
+    """Steps of one window: data wait and compute per step; ``report`` when ``due``."""
 
     global_batch: int
     steps_per_epoch: int
@@ -60,9 +61,9 @@ class ProgressMeter:
     def due(self) -> bool:
         return self._window_start is not None and self.clock() - self._window_start >= self.every_seconds
 
-    def report(self, step: int, epoch: int, batch_in_epoch: int) -> tuple[dict[str, float], list[str]]:
-        """This window's figures and the lines to print (a progress line, and once per run a slow-data
-        warning); starts the next window."""
+    def report(self, step: int, epoch: int, batch_in_epoch: int) -> tuple[dict[str, float], str, str | None]:
+        """This window's figures, its progress line, and once per run (never in the first window) a
+        slow-data warning, else None; starts the next window."""
         figures = self.figures()
         rate = figures["images_per_second"] / self.global_batch  # steps/s
         epoch_left = (self.steps_per_epoch - batch_in_epoch) / rate if rate > 0 else float("inf")
@@ -73,11 +74,11 @@ class ProgressMeter:
             f"data wait {100 * figures['data_wait_fraction']:.0f}%  "
             f"epoch ends in {_duration(epoch_left)}, run in {_duration(run_left)}"
         )
-        lines = [line]
+        warning = None
         self.windows += 1
         if figures["data_wait_fraction"] > SLOW_DATA_FRACTION and not self.warned_slow_data and self.windows > 1:
             self.warned_slow_data = True
-            lines.append(
+            warning = (
                 f"warning: the trainers waited on data {100 * figures['data_wait_fraction']:.0f}% of the last "
                 f"{len(self._waits)} steps: give the multi-crop stage more actors (data.num_crop_actors, or "
                 "data.crop_actors_per_worker=[min, max] for an autoscaling pool, and CPU nodes for it to grow "
@@ -86,4 +87,4 @@ class ProgressMeter:
         self._waits.clear()
         self._computes.clear()
         self._window_start = self.clock()
-        return figures, lines
+        return figures, line, warning
