@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 
 from raydino.config import METHODS, PRESETS, ConfigError, load_config, parse_method
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Pretrain a ViT with DINO, DINO-vMF, iBOT or iBOT-vMF. With no arguments, runs the cpu_demo preset on the "
             "embedded digits dataset and reports kNN top-1 against a random initialisation. "
-            "Settings: --preset, then --config FILE, then key=value overrides such as loss.vmf=true."
+            "Settings: --preset, then --config FILE, then key=value overrides such as loss.vmf=true. "
+            "Every key, its default and allowed values: README.md section 'Settings' and the field descriptions in "
+            "raydino/config.py; `raydino presets` lists the presets, --print-config shows the resolved config."
         ),
     )
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
@@ -29,8 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
     pre.add_argument("--method", type=parse_method, choices=list(METHODS),
                      help="sets loss.method and loss.vmf (default: the preset's); ibot_vmf = ibot-vmf")
-    pre.add_argument("--local", action="store_true", help="single process, no Ray (quick smoke run)")
-    pre.add_argument("--max-steps", type=int, help="with --local: stop after this many steps")
+    pre.add_argument("--local", action="store_true",
+                     help="single process, no Ray, on an embedded dataset (quick smoke run); writes no MLflow run "
+                     "and no checkpoint, only prints loss and kNN")
+    pre.add_argument("--max-steps", type=_positive_int, help="with --local: stop after this many steps (at least 1)")
+    pre.add_argument("--print-config", action="store_true",
+                     help="print the resolved config as YAML (loadable with --config) and exit; starts nothing")
     pre.add_argument("--storage", help="checkpoint.storage_path: a directory or s3:// URI (default ./raydino_runs)")
     pre.add_argument("--max-failures", type=int, help="checkpoint.max_failures: worker failures to recover from (default 1)")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.epochs=5")
@@ -49,7 +70,20 @@ def _parser() -> argparse.ArgumentParser:
         "pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **kwargs) using the printed name and kwargs.",
     )
     ex.add_argument("checkpoint", help="a checkpoint_* directory written by raydino pretrain")
-    ex.add_argument("out", help="output file, e.g. backbone.safetensors")
+    ex.add_argument("out", help="output file, e.g. backbone.safetensors; an existing directory gets "
+                    "DIR/teacher_backbone.safetensors")
+    att = sub.add_parser(
+        "attention",
+        help="DINO's attention maps: the teacher's last-block [CLS] attention per head, as PNGs",
+        description="For each image, write OUT/<name>/: the preprocessed image, the last block's [CLS] attention "
+        "over the patches per head and their mean (upsampled to the image), and per head the patches that hold "
+        "--threshold of the attention mass (DINO's visualize_attention.py), plus overview.png with all of them.",
+    )
+    att.add_argument("model", help="a checkpoint_* directory or a .safetensors file written by raydino export")
+    att.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    att.add_argument("--out", required=True, help="output directory")
+    att.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep (default 0.6)")
+    att.add_argument("--size", type=int, help="image size (default: the run's data.crops.global_size)")
     cmp = sub.add_parser(
         "compare",
         help="group MLflow runs by params and tabulate their metrics (markdown or CSV) with plots",
@@ -60,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--parent", help="only the child runs of this parent run id (a sweep)")
     cmp.add_argument("--group-by", nargs="*", default=[], metavar="KEY", help="config keys to group by")
     cmp.add_argument("--metric", nargs="*", default=None, metavar="NAME", help="metrics (default: final kNN, probe ...)")
+    cmp.add_argument("--status", nargs="+", default=["FINISHED"], type=str.upper, metavar="STATUS",
+                     choices=["FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED", "ALL"],
+                     help="compare only runs with these MLflow statuses (default: FINISHED; 'all' for every run)")
+    sub.add_parser("presets", help="list the presets (--preset NAME) with one line each",
+                   description="List the presets; `raydino pretrain --preset NAME --print-config` shows one in full.")
     cmp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     cmp.add_argument("--plots", default="compare_plots", help="directory for the PNG plots ('' to skip)")
     cmp.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
@@ -67,16 +106,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from raydino.compare import DEFAULT_METRICS, compare_runs, to_csv, to_markdown, write_plots
+    from raydino.compare import compare_runs, to_csv, to_markdown, write_plots
     from raydino.tracking import check_tracking, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(uri)
-    comparison = compare_runs(uri, args.experiment, args.group_by, args.metric or DEFAULT_METRICS, args.parent)
+    statuses = None if "ALL" in args.status else args.status
+    comparison = compare_runs(uri, args.experiment, args.group_by, args.metric or None, args.parent, statuses)
     print((to_markdown(comparison) if args.format == "markdown" else to_csv(comparison)).rstrip("\n"))
+    if comparison.left_out:
+        counts = ", ".join(f"{n} {status}" for status, n in comparison.left_out.items())
+        print(f"raydino: left out {counts} run(s); --status all (or a list) compares them", file=sys.stderr)
     if args.plots:
         for path in write_plots(comparison, args.plots):
             print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _presets() -> int:
+    from raydino.presets import DEFAULT_PRESET, DESCRIPTIONS
+
+    width = max(map(len, PRESETS))
+    for name in PRESETS:
+        print(f"{name:<{width}}  {DESCRIPTIONS.get(name, '')}{'  [default]' if name == DEFAULT_PRESET else ''}")
     return 0
 
 
@@ -87,6 +139,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     width = max(map(len, metrics))
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4g}")
+    return 0
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from raydino.attention_maps import write_attention
+
+    for folder in write_attention(args.model, args.images, args.out, args.threshold, args.size):
+        print(f"wrote {folder}")
     return 0
 
 
@@ -104,6 +164,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    if args.max_steps is not None and not args.local:
+        raise ConfigError("--max-steps needs --local; for a Ray run set optim.epochs (e.g. optim.epochs=1)")
     overrides = list(args.overrides)
     if args.data:
         overrides = ["data.source=imagefolder", f"data.path={args.data}", *overrides]
@@ -114,6 +176,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.max_failures is not None:
         overrides = [f"checkpoint.max_failures={args.max_failures}", *overrides]
     cfg = load_config(args.config, overrides, args.preset)
+    if args.print_config:
+        for line in cfg.warnings():
+            print(f"raydino: warning: {line}", file=sys.stderr, flush=True)
+        print(cfg.to_yaml().rstrip("\n"))
+        return 0
     centering = f"centering={cfg.loss.centering}"
     if cfg.loss.method == "ibot":
         centering += f", patch_centering={cfg.loss.patch_centering}"
@@ -137,9 +204,67 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, Kubernetes, SLURM) taken as Ctrl-C: the same clean stop, exit status 143."""
+
+    sigterm = True
+
+
+_SIGNALS: list[int] = []
+"""Signals received by this process: after one, whatever unwinds (an import cut in half, Ray's own
+KeyboardInterrupt) is the stop the user asked for, not an error."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _SIGNALS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupted(exc: BaseException) -> int:
+    """One line instead of a traceback; 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as shells do)."""
+    sigterm = signal.SIGTERM in _SIGNALS or getattr(exc, "sigterm", False)
+    what = "terminated (SIGTERM)" if sigterm else "interrupted"
+    # no import here: the signal may have landed inside one (torch half-imported)
+    detail = str(exc) if isinstance(exc, KeyboardInterrupt) else ""
+    print(f"raydino: {what}: {detail}" if detail else f"raydino: {what}", file=sys.stderr, flush=True)
+    return 143 if sigterm else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on every start
+    _SIGNALS.clear()
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):  # ensure_ray keeps SIGTERM's over Ray's own handler
+            saved[signum] = signal.signal(signum, _on_signal)
+    try:
+        return _dispatch(args)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or _SIGNALS:
+            return _interrupted(exc)
+        raise
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def run() -> None:
+    """The ``raydino`` command. After a signal, exit without the interpreter's teardown, which can crash
+    in a C extension whose import the signal cut short (Ray is shut down first when this process runs it)."""
+    code = main()
+    if not _SIGNALS:
+        sys.exit(code)
+    with contextlib.suppress(BaseException):  # leaving anyway
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
@@ -147,15 +272,23 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "attention":
+            return _attention(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "presets":
+            return _presets()
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from raydino.pretrain import RunComplete
         from raydino.tracking import TrackingError
         from raydino.train.driver import PretrainError
 
+        if isinstance(exc, RunComplete):
+            print(f"raydino: {exc}", file=sys.stderr)
+            return 0
         if isinstance(exc, (TrackingError, PretrainError)):
             print(f"raydino: error: {exc}", file=sys.stderr)
             return 1
@@ -164,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

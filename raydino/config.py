@@ -240,6 +240,11 @@ class ScalingConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the train workers over nodes (SPREAD: one per node where possible)"
     )
+    start_timeout_s: float = Field(
+        900.0, gt=0.0,
+        description="on a shared or autoscaling cluster: how long a run waits for its train workers and its "
+        "crop actors before it fails with what it needed and what was free",
+    )
 
 
 class TrackingConfig(_Section):
@@ -251,6 +256,10 @@ class TrackingConfig(_Section):
         30.0, gt=0.0, description="rank 0 prints a progress line (images/s, data wait, ETA) this often within an epoch"
     )
     system_metrics: bool = Field(False, description="MLflow's system metrics (CPU, memory, GPU) for the run")
+    register_model: str | None = Field(
+        None, min_length=1,
+        description="register the run's teacher backbone (an MLflow model) as a new version of this registered model",
+    )
 
 
 class EvalConfig(_Section):
@@ -286,6 +295,9 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
 
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    """What ``load_config`` changed on its own (warm-ups cut to a short run), reported by ``warnings``."""
+
     @property
     def method_name(self) -> str:
         """The method this config runs: dino, dino-vmf, ibot or ibot-vmf (a key of METHODS)."""
@@ -296,10 +308,13 @@ class Config(_Section):
         o = self.optim
         for key in ("warmup_epochs", "freeze_last_layer_epochs"):
             if getattr(o, key) > o.epochs:
-                raise ValueError(f"optim.{key}={getattr(o, key)} exceeds optim.epochs={o.epochs}")
+                raise ValueError(
+                    f"optim.{key}={getattr(o, key)} exceeds optim.epochs={o.epochs}; lower optim.{key} or raise optim.epochs"
+                )
         if self.loss.warmup_teacher_temp_epochs > o.epochs:
             raise ValueError(
-                f"loss.warmup_teacher_temp_epochs={self.loss.warmup_teacher_temp_epochs} exceeds optim.epochs={o.epochs}"
+                f"loss.warmup_teacher_temp_epochs={self.loss.warmup_teacher_temp_epochs} exceeds optim.epochs={o.epochs}; "
+                "lower loss.warmup_teacher_temp_epochs or raise optim.epochs"
             )
         if self.loss.koleo_weight > 0 and self.data.batch_size_per_worker < 2:
             raise ValueError("loss.koleo_weight > 0 needs data.batch_size_per_worker >= 2 (nearest neighbours in a batch)")
@@ -309,7 +324,7 @@ class Config(_Section):
 
     def warnings(self) -> list[str]:
         """Legal but surprising choices, one line each, for the driver to print once per run."""
-        out = []
+        out = list(self._notes)
         lo = self.loss
         if lo.vmf:
             modes = {"loss.centering": lo.centering}
@@ -505,6 +520,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     file_tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; --config takes a YAML file (e.g. run.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -516,8 +533,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     preset = preset or file_tree.pop("preset", None) or DEFAULT_PRESET
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    tree = _deep_merge(_deep_merge({}, PRESETS[preset]), file_tree)
-    return build_config(apply_overrides(tree, overrides or []))
+    tree = apply_overrides(_deep_merge(_deep_merge({}, PRESETS[preset]), file_tree), overrides or [])
+    notes = _fit_warmups(tree, _user_keys(file_tree, overrides or []), preset)
+    cfg = build_config(tree)
+    cfg._notes = notes
+    return cfg
+
+
+WARMUP_KEYS = ("optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.warmup_teacher_temp_epochs")
+"""Lengths in epochs that must fit in ``optim.epochs``."""
+
+
+def _user_keys(file_tree: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Dotted keys a user set in the YAML file or the overrides (not the preset's, not the defaults)."""
+    keys = set(flatten(file_tree))
+    for text in overrides:
+        path, value = parse_override(text)
+        dotted = ".".join(path)
+        keys |= {dotted, *(flatten(value, dotted + ".") if isinstance(value, dict) else {})}
+    return keys
+
+
+def _fit_warmups(tree: dict[str, Any], user_keys: set[str], preset: str) -> list[str]:
+    """Cut warm-ups that come from the preset or the defaults to a shorter run's ``optim.epochs`` (a
+    1-epoch smoke run), one warning line each; a warm-up the user set stays an error at validation."""
+    optim = tree.get("optim")
+    epochs = optim.get("epochs", OptimConfig.model_fields["epochs"].default) if isinstance(optim, dict) else None
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return []  # validation reports the bad epochs
+    notes = []
+    for dotted in WARMUP_KEYS:
+        section, key = dotted.split(".")
+        node = tree.setdefault(section, {})
+        if dotted in user_keys or not isinstance(node, dict):
+            continue
+        value = node.get(key, Config.model_fields[section].annotation.model_fields[key].default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > epochs:
+            node[key] = epochs
+            notes.append(
+                f"{dotted}={value} (preset {preset}) exceeds optim.epochs={epochs}: cut to {epochs} for this run; "
+                f"set {dotted} to choose another"
+            )
+    return notes
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

@@ -64,12 +64,20 @@ def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str
     """Pretrain on one process, then compare teacher kNN top-1 with the random initialisation."""
     start = time.perf_counter()
     train, test = _load(cfg, "train"), _load(cfg, "test")
+    batch = cfg.data.batch_size_per_worker * cfg.scaling.num_workers
+    if len(train) < batch:  # drop_last: not one step
+        raise ValueError(
+            f"a batch of {batch} images (data.batch_size_per_worker x scaling.num_workers) exceeds the {len(train)} "
+            f"training images of {cfg.data.source}: no step to run; lower data.batch_size_per_worker"
+        )
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps={max_steps}: need at least 1 step; pass --max-steps 1 or more")
     step_fn = DINOStep.build(cfg, torch.device("cpu"))
     student, teacher = step_fn.student_module, step_fn.teacher
     random_init_knn = knn_accuracy(teacher, train, test)
     loader = DataLoader(
         _CropDataset(train, MultiCrop(cfg.data.crops)),
-        batch_size=cfg.data.batch_size_per_worker * cfg.scaling.num_workers,
+        batch_size=batch,
         shuffle=True,
         drop_last=True,
         num_workers=1,  # augment in a separate process (single-threaded), overlapping the step
@@ -79,7 +87,8 @@ def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str
     total_steps = cfg.optim.epochs * len(loader)
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
-    step, metrics = 0, {"loss": float("nan")}
+    nan = float("nan")
+    step, metrics = 0, {"loss": nan}
     for epoch in range(cfg.optim.epochs):
         student.train()
         for crops in loader:
@@ -89,7 +98,8 @@ def pretrain_local(cfg: Config, max_steps: int | None = None, log: Callable[[str
             step += 1
         log(
             f"epoch {epoch + 1}/{cfg.optim.epochs}  step {step}/{total_steps}  loss {metrics['loss']:.4f}  "
-            f"teacher entropy {metrics['teacher_entropy']:.3f}  mean-target entropy {metrics['mean_target_entropy']:.3f}"
+            f"teacher entropy {metrics.get('teacher_entropy', nan):.3f}  "
+            f"mean-target entropy {metrics.get('mean_target_entropy', nan):.3f}"
         )
         if step >= total_steps:
             break

@@ -81,6 +81,15 @@ class DataLocation:
             if entry.type == pafs.FileType.File and is_image(entry.base_name):
                 yield entry.path
 
+    def has_image(self) -> bool:
+        """Whether an image file lies under this directory (recursively): a local walk stops at the first;
+        an object store's own level is looked at before it is listed recursively."""
+        if self.remote:
+            entries = list_entries(self.filesystem, self.path, self.uri, recursive=False)
+            if any(e.type == pafs.FileType.File and is_image(e.base_name) for e in entries):
+                return True
+        return next(self.image_files(), None) is not None
+
 
 def locate(path: str | os.PathLike[str]) -> DataLocation:
     """The location of a local directory (made absolute) or a URI (its filesystem resolved)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from raydino.config import Config, with_overrides
-from raydino.locations import locate
+from raydino.config import Config, ConfigError, build_config, with_overrides
+from raydino.locations import IMAGE_EXTENSIONS, locate, read_file
 from raydino.registry import DATA_SOURCES
 from raydino.storage import join_storage, resolve_storage
 
@@ -42,14 +42,27 @@ def default_run_name(cfg: Config) -> str:
 
 
 def check_data_path(cfg: Config) -> None:
-    """Fail fast on a missing data directory, an unreachable object store or refused credentials
-    (ObjectStoreError); the sources check the directory's contents when listing."""
-    layout = DATA_SOURCES[cfg.data.source].layout
+    """Fail fast, before the MLflow run and Ray, on a missing data directory, an unreachable object store
+    or refused credentials (ObjectStoreError), an ImageFolder without class directories or without an
+    image in them, or an image directory without images (the listing stops at the first image)."""
+    source = DATA_SOURCES[cfg.data.source]
+    layout = source.layout
     if layout is None:
         return
     location = locate(str(cfg.data.path))
     if location.kind() != "dir":
         raise FileNotFoundError(f"data path {location.uri!r} does not exist or is not a directory; expected {layout}")
+    images = f"image files ({', '.join(IMAGE_EXTENSIONS)})"
+    if source.labelled:
+        classes = location.subdirectories()
+        if not classes:
+            raise FileNotFoundError(f"data path {location.uri!r} has no class subdirectories; expected {layout}")
+        if not any(location.child(name).has_image() for name in classes):
+            raise FileNotFoundError(
+                f"data path {location.uri!r} has no {images} in its class directories; expected {layout}"
+            )
+    elif not location.has_image():
+        raise FileNotFoundError(f"data path {location.uri!r} has no {images}; expected {layout}")
 
 
 def standard_eval_paths(cfg: Config) -> dict[str, str]:
@@ -79,3 +92,44 @@ def plan_run(cfg: Config, tracking_uri: str | None = None, mlflow_run_id: str | 
     if tracking_uri is not None:
         updates["tracking.uri"] = tracking_uri
     return RunPlan(with_overrides(cfg, updates), run_name, storage, tracking_uri, mlflow_run_id)
+
+
+CHECKPOINT_CONFIG = "config.yaml"
+STATE_KEYS = ("model.", "head.", "loss.method", "loss.centering", "loss.patch_centering", "optim.layer_decay")
+"""Config keys that shape what a checkpoint holds (networks, centering buffers, optimiser groups): a run
+resumed with another value cannot load it."""
+
+
+def latest_checkpoint_config(run_dir: str) -> tuple[str, Config] | None:
+    """(name, config) of the newest ``checkpoint_*`` directory of a run that holds a config; None for a
+    run without checkpoints. Local or remote storage alike (the file is read on the driver)."""
+    location = locate(run_dir)
+    if location.kind() != "dir":
+        return None
+    for name in sorted((d for d in location.subdirectories() if d.startswith("checkpoint_")), reverse=True):
+        child = location.child(name).child(CHECKPOINT_CONFIG)
+        if child.kind() == "file":
+            import yaml
+
+            try:
+                return name, build_config(yaml.safe_load(read_file(child.path, child.filesystem)))
+            except (ConfigError, yaml.YAMLError):  # an older raydino's config: the worker's load check decides
+                return None
+    return None
+
+
+def check_resumable(plan: RunPlan) -> None:
+    """Refuse, before Ray starts, to continue a run whose checkpoint another architecture wrote: the
+    message lists the keys that differ and the two ways out."""
+    found = latest_checkpoint_config(plan.run_dir)
+    if found is None:
+        return
+    name, saved = found
+    old, new = saved.flat(), plan.cfg.flat()
+    keys = sorted(k for k in {*old, *new} if k.startswith(STATE_KEYS) and old.get(k) != new.get(k))
+    if keys:
+        diff = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys[:8])
+        raise ConfigError(
+            f"run {plan.run_name!r} has a checkpoint ({name} in {plan.run_dir}) of another configuration ({diff}); "
+            "resume it with its own settings, or start a new run with another tracking.run_name"
+        )

@@ -8,16 +8,27 @@ the run with its final status.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, SourceType
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from mlflow.utils.time import get_current_time_millis
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 DEFAULT_DB = "mlflow.db"
 PROTOTYPE_ARRAYS = "eval/prototypes.npz"
@@ -53,6 +64,11 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
             raise TrackingError(f"MLflow store {uri}: directory {path.parent} does not exist; create it or set tracking.uri")
         if not os.access(path.parent, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: directory {path.parent} is not writable; set tracking.uri")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingError(
+                f"MLflow store {uri}: the file {path} is not writable; make it writable (chmod u+w {path}) "
+                "or set tracking.uri / MLFLOW_TRACKING_URI to another file"
+            )
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, timeout_s)))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -80,12 +96,34 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The experiment tag MLflow 3's UI reads to choose between its GenAI pages (traces) and its
+model-training pages (runs table); the values are the UI's ``ExperimentKind`` enum."""
+TRAINING_KIND = "custom_model_development"
+"""``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT``, shown as "Machine learning" in the UI."""
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+"""MLflow 3.17's UI takes the experiment kind from a global GenAI / machine-learning switch (default
+GenAI, kept in the browser) rather than from the tag; this query selects machine learning."""
+
+
+def _needs_kind(tags: Mapping[str, str]) -> bool:
+    """True unless someone chose a kind explicitly (the UI's inferred values are guesses, not choices)."""
+    kind = tags.get(EXPERIMENT_KIND_TAG, "")
+    return kind in ("", "no_inferred_type") or kind.endswith("_inferred")
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it marked as a model-training experiment (``TRAINING_KIND``), so
+    MLflow's UI opens it on the runs table, not on the empty GenAI trace overview."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if _needs_kind(experiment.tags):
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+        return client.create_experiment(
+            name, artifact_location=artifact_location(client.tracking_uri), tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
     except mlflow.exceptions.MlflowException:  # created concurrently by someone else
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -98,6 +136,26 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
 
 
+def source_name(argv: list[str] | None = None) -> str:
+    """What started this process, as the runs table's Source column shows it: ``raydino pretrain``, or
+    the script (``sweeps/kappa_ablation.py``, relative to the working directory when inside it)."""
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0] or argv[0] == "-c":
+        return "python"
+    script = Path(argv[0])
+    if script.name == "raydino" and len(argv) > 1:
+        return f"raydino {argv[1]}"
+    try:
+        return str(script.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return script.name
+
+
+def source_tags(name: str | None = None) -> dict[str, str]:
+    """MLflow's source tags for a run started by ``name`` (default: ``source_name()`` of this process)."""
+    return {MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL), MLFLOW_SOURCE_NAME: name or source_name()}
+
+
 def create_run(
     uri: str,
     experiment: str,
@@ -106,10 +164,13 @@ def create_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Create a run holding ``params`` (a flat config) and return its id; it stays RUNNING."""
+    """Create a run holding ``params`` (a flat config) and return its id; it stays RUNNING.
+
+    The run gets MLflow's source tags (the runs table's Source column: ``source_name()`` unless
+    ``tags`` names one) as the fluent API would give it."""
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
-    all_tags = dict(tags or {})
+    all_tags = {**source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -127,11 +188,24 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"attributes.run_name = '{run_name}'",
+        filter_string=equals_filter("attributes.run_name", run_name),
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=1000,
     )
-    return runs[0].info.run_id if runs else None
+    return next((r.info.run_id for r in runs if r.info.run_name == run_name), None)
+
+
+def equals_filter(key: str, value: str) -> str:
+    """An MLflow filter clause matching ``key`` equal to user text ``value``.
+
+    MLflow's filter grammar has no escape inside a quoted string: a value is quoted with the
+    quote it does not contain; one holding both kinds becomes a LIKE pattern with ``_`` in their
+    place, so callers compare the results exactly."""
+    if "'" not in value:
+        return f"{key} = '{value}'"
+    if '"' not in value:
+        return f'{key} = "{value}"'
+    return f"{key} LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
 
 
 class RunLogger:
@@ -213,12 +287,14 @@ def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> 
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments(max_results=50))
         raise TrackingError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {names or 'none'}")
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    query = equals_filter("tags.mlflow.parentRunId", parent_run_id) if parent_run_id else ""
     rows: list[dict[str, Any]] = []
     token = None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
         for run in page:
+            if parent_run_id and run.data.tags.get("mlflow.parentRunId") != parent_run_id:
+                continue  # a LIKE match (equals_filter)
             row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
                                    "start_time": run.info.start_time / 1000}
             row.update({f"params.{k}": v for k, v in run.data.params.items()})
@@ -250,3 +326,164 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float) -> Callable[[
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+class ImageDataset(MetaDataset):
+    """A directory (or URI) of images as an MLflow dataset: metadata only (source, digest, image count in
+    the profile); nothing is read or copied. MLflow's MetaDataset has no profile, hence this subclass."""
+
+    def __init__(self, source: Any, name: str, digest: str, profile: Mapping[str, Any]) -> None:
+        self._profile = dict(profile)
+        super().__init__(source=source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def dataset_name(location: str) -> str:
+    """A short name for a data directory or URI: its last two path components (``imagenet/train``)."""
+    parts = [part for part in PurePosixPath(location.split("://", 1)[-1]).parts if part != "/"]
+    return "/".join(parts[-2:]) or location
+
+
+def log_dataset(
+    uri: str,
+    run_id: str,
+    *,
+    name: str,
+    location: str,
+    num_images: int,
+    profile: Mapping[str, Any] | None = None,
+    context: str = "training",
+) -> str:
+    """Log a run's data as an MLflow dataset input (the runs table's Dataset column; the run page's
+    Datasets): ``location`` (a local path or a URI: ``s3://...``, ``https://...``) as its source, the
+    image count and ``profile`` in its profile, and a digest of all three, so runs on the same data
+    share a digest. Returns the digest. Logging the same dataset twice (a resumed run) adds nothing."""
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local sources, both alike
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(location)
+    facts = {"num_images": int(num_images), **(profile or {})}
+    digest = hashlib.sha256(json.dumps({"location": location, **facts}, sort_keys=True, default=str).encode())
+    dataset = ImageDataset(source, name, digest.hexdigest()[:16], facts)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    MlflowClient(uri).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    return dataset.digest
+
+
+def run_datasets(uri: str, run_id: str) -> list[dict[str, Any]]:
+    """The run's dataset inputs as dicts: name, digest, source_type, source (the URI), profile, context."""
+    out = []
+    for item in MlflowClient(uri).get_run(run_id).inputs.dataset_inputs:
+        ds = item.dataset
+        out.append({
+            "name": ds.name, "digest": ds.digest, "source_type": ds.source_type,
+            "source": _source_location(ds.source), "profile": json.loads(ds.profile or "{}"),
+            "context": next((t.value for t in item.tags if t.key == MLFLOW_DATASET_CONTEXT), None),
+        })
+    return out
+
+
+def _source_location(source_json: str) -> str:
+    """The URI or URL in a dataset source's JSON (file-system sources say ``uri``, HTTP ones ``url``)."""
+    source = json.loads(source_json)
+    return source.get("uri") or source.get("url") or source_json
+
+
+class LoggedBackbone:
+    """Where ``log_backbone_model`` put the model: its URI and, when registered, the version."""
+
+    def __init__(self, model_uri: str, registered_name: str | None, version: str | None) -> None:
+        self.model_uri, self.registered_name, self.version = model_uri, registered_name, version
+
+    def __repr__(self) -> str:
+        registered = f", registered {self.registered_name} v{self.version}" if self.registered_name else ""
+        return f"LoggedBackbone({self.model_uri}{registered})"
+
+
+def log_backbone_model(
+    uri: str,
+    run_id: str,
+    backbone: torch.nn.Module,
+    example: np.ndarray,
+    *,
+    name: str = "teacher_backbone",
+    registered_name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> LoggedBackbone:
+    """Log ``backbone`` as an MLflow model of the run, so ``mlflow.pyfunc.load_model``, ``mlflow models``
+    and the UI's model pages see it; registered as a new version of ``registered_name`` when given.
+
+    Saved with ``mlflow.pytorch`` as a ``torch.export`` program (MLflow's "pt2": loading it runs no
+    pickled code, and needs torch only, not raydino or timm). Signature: float32 (N, C, H, W) images,
+    preprocessed as the caller documents in ``metadata``, to float32 (N, D) embeddings; batch and image
+    size are free (``example`` is traced with them dynamic, so keep it small: it is stored with the
+    model). The run's metrics at ``step`` are linked to the model (the Models tab shows them)."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # Model.log reads the global URI
+    from mlflow.types.schema import Schema, TensorSpec
+
+    backbone = backbone.eval()
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    with torch.no_grad():
+        dim = backbone(torch.from_numpy(example)).shape[1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1], -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
+    )
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            info = _log_pytorch_model(backbone, name, run_id, signature, example, registered_name, metadata, step)
+    finally:  # leaving it, MLflow unsets MLFLOW_TRACKING_URI: put back what the process had
+        if saved_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    return LoggedBackbone(info.model_uri, registered_name, version)
+
+
+def _log_pytorch_model(
+    backbone: torch.nn.Module,
+    name: str,
+    run_id: str,
+    signature: Any,
+    example: np.ndarray,
+    registered_name: str | None,
+    metadata: Mapping[str, Any] | None,
+    step: int,
+) -> Any:
+    import mlflow.pytorch
+    import torch
+
+    return mlflow.pytorch.log_model(
+        backbone,
+        name=name,
+        run_id=run_id,
+        signature=signature,
+        input_example=example,
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # all a pt2 program needs; no inference run
+        registered_model_name=registered_name,
+        metadata=dict(metadata or {}),
+        step=step,
+    )
+
+
+DEFAULT_UI = "http://127.0.0.1:5000"
+"""Where ``mlflow ui`` / ``mlflow server`` listen unless told otherwise."""
+
+
+def experiment_url(uri: str, run_id: str, *, ui: str = DEFAULT_UI) -> str:
+    """The MLflow UI page of the run's experiment, on its runs table (``UI_WORKFLOW_QUERY``). ``uri`` is
+    the UI itself when it is a server, else ``ui`` (where ``mlflow ui`` on the store listens by default).
+    No search filter in it: switching the workflow type on a first visit drops the other query keys."""
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}?{UI_WORKFLOW_QUERY}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) ->
                         help="an embedded dataset instead (fashion_mnist needs the Debian package)")
     parser.add_argument("--seeds", type=_positive, default=default_seeds,
                         help=f"seeds per arm (default {default_seeds})")
-    parser.add_argument("--epochs", type=int, help="epochs per trial (default: the budget of the preset)")
+    parser.add_argument("--epochs", type=_positive, help="epochs per trial (default: the budget of the preset)")
     parser.add_argument("--name", help="sweep name: the MLflow parent run and the storage folder")
     parser.add_argument("--out", help="directory for the table and plots (default: sweep_reports/<name>)")
     parser.add_argument("--storage", help="where Tune and Train keep trial checkpoints (default ./raydino_runs)")
@@ -57,6 +58,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_seeds: int) ->
                         "cluster fits; with the cpu_demo preset 2, one core each)")
     parser.add_argument("--retries", type=_non_negative, default=1, help="times a failed trial is retried (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the arms and trials, run nothing")
+    parser.add_argument("--resume", nargs="?", const="", metavar="NAME",
+                        help="continue a sweep whose driver died or was interrupted (Tune's restore): NAME, or "
+                        "the newest unfinished sweep of this script's experiment in the storage; give the "
+                        "arguments it was started with")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
 
 
@@ -76,6 +81,29 @@ def base_config(args: argparse.Namespace, budget: dict[str, list[str]], experime
     return load_config(args.config, [*overrides, *args.overrides], preset=args.preset)
 
 
+def sweep_name(args: argparse.Namespace, base: Config, prefix: str) -> str:
+    """The sweep to run: ``--resume NAME`` or ``--name``; ``--resume`` alone picks the newest sweep of this
+    script's MLflow experiment that can be resumed from the storage; a new sweep is named by the time."""
+    if args.resume is None:
+        return args.name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "=" in args.resume:  # argparse gave the first override to --resume's optional NAME
+        raise ConfigError(f"--resume took the override {args.resume!r} for a sweep name; put --resume [NAME] "
+                          "after the overrides")
+    if args.resume and args.name and args.resume != args.name:
+        raise ConfigError(f"--resume {args.resume} and --name {args.name} name different sweeps; give one")
+    if args.resume or args.name:
+        return args.resume or args.name
+    from raydino.storage import resolve_storage
+    from raydino.sweep import resumable_sweeps
+    from raydino.tracking import resolve_tracking_uri
+
+    storage = resolve_storage(args.storage or base.checkpoint.storage_path)
+    found = resumable_sweeps(resolve_tracking_uri(base.tracking.uri), base.tracking.experiment, storage)
+    if not found:
+        raise ConfigError(f"--resume: no sweep of experiment {base.tracking.experiment!r} to resume in {storage}")
+    return found[0]
+
+
 def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, space: dict[str, Any],
                          arm_keys: list[str], asha: Any = None) -> int:
     """Run the sweep on Tune, print and save its per-arm report; exit status 1 if no trial finished."""
@@ -91,7 +119,7 @@ def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, spac
         max_concurrent_trials=args.max_concurrent or LOCAL_CONCURRENCY.get(args.preset),
         storage_path=args.storage,
     )
-    result = run_sweep(spec)
+    result = run_sweep(spec, resume=args.resume is not None)
     report_sweep(result, arm_keys, args.out or f"sweep_reports/{name}")
     return 1 if result.count("FINISHED") == 0 else 0
 
@@ -105,7 +133,7 @@ def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.Pat
     run (``raydino.report_error``), and the outcomes are printed all the same.
     """
     from raydino.sweep_report import write_report
-    from raydino.tracking import RunLogger
+    from raydino.tracking import RunLogger, experiment_url
 
     parent = RunLogger(result.tracking_uri, result.parent_run_id)
     markdown = ""
@@ -127,6 +155,8 @@ def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.Pat
         f"in {result.seconds / 60:.1f} min; report in {Path(out_dir).resolve()}; MLflow parent run "
         f"{result.parent_run_id} (experiment {result.experiment!r}) in {result.tracking_uri}"
     )
+    log(f"in the MLflow UI: {experiment_url(result.tracking_uri, result.parent_run_id)} (expand the parent run; "
+        "Columns > Tags > raydino.arm.<key> shows the arms as columns)")
     return markdown
 
 

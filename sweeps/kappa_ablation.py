@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from typing import Any
 
-from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
+from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report, sweep_name
 
 from raydino.config import METHODS, Config, ConfigError, parse_method, with_overrides
 from raydino.registry import CENTERING_MODES
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     space, arm_keys = ablation_space(args)
     base = base_config(args, BUDGET, experiment="kappa_ablation")
-    name = args.name or f"kappa-ablation-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = sweep_name(args, base, "kappa-ablation")
     arm_list = arms(space, arm_keys, base)
     print(f"{len(arm_list)} arms x {args.seeds} seeds = {len(arm_list) * args.seeds} trials of "
           f"{base.model.name} on {base.data.source} ({base.optim.epochs} epochs, {base.scaling.num_workers} worker(s))")

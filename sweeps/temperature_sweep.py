@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
-from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report
+from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report, sweep_name
 
 BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1"]}
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     space, arm_keys = temperature_space(args)
     base = base_config(args, BUDGET, experiment="temperature_sweep")
-    name = args.name or f"temperature-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = sweep_name(args, base, "temperature-sweep")
     trials = 1
     for values in space.values():
         trials *= len(values)

@@ -33,7 +33,11 @@ def ray_session() -> Iterator[str]:
         # resources (docs/architecture.md) and later trials wait forever
         # address="local": a new instance even where another Ray on this machine (a test's simulated
         # cluster) left its address behind
-        ray.init(address="local", num_cpus=8, log_to_driver=True, configure_logging=False)
+        # marked like a run's private Ray: a `raydino pretrain` subprocess without RAY_ADDRESS starts its own
+        from raydino.train.driver import PRIVATE_INSTANCE
+
+        ray.init(address="local", num_cpus=8, resources={PRIVATE_INSTANCE: 1}, log_to_driver=True,
+                 configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -42,8 +42,43 @@ def test_groups_means_and_stds(store):
 
 def test_without_parent_includes_every_run(store):
     uri, _ = store
-    c = compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1"])
+    c = compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1"], statuses=None)
     assert dict(zip(c.table["loss.vmf"], c.table["runs"])) == {"True": 4, "False": 3, "-": 1}
+
+
+def test_only_finished_runs_are_compared_unless_asked(store, capsys):
+    uri, parent = store  # the parent and "unrelated" never ended: RUNNING
+    failed = create_run(uri, "cmp", "failed", {"loss.vmf": "True", "head.norm_last_layer": "False"}, parent_run_id=parent)
+    RunLogger(uri, failed).log_metrics({"final_knn_top1": 0.0}, step=1)
+    RunLogger(uri, failed).end("FAILED")
+    c = compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1"])
+    assert dict(zip(c.table["loss.vmf"], c.table["runs"])) == {"True": 3, "False": 3}
+    assert "status" not in c.table and c.left_out == {"FAILED": 1, "RUNNING": 2}
+    assert c.table.set_index("loss.vmf").loc["True", "final_knn_top1 mean"] == pytest.approx(62.0)  # not the 0.0
+    every = compare_runs(uri, "cmp", ["loss.vmf"], ["final_knn_top1"], statuses=None).table.set_index("loss.vmf")
+    assert every.loc["True", "status"] == "1 FAILED, 3 FINISHED, 1 RUNNING" and every.loc["True", "runs"] == 5
+
+    args = ["compare", "--experiment", "cmp", "--group-by", "loss.vmf", "--metric", "final_knn_top1", "--format", "csv",
+            "--plots", "", "--tracking-uri", uri]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "loss.vmf,runs,final_knn_top1 mean,final_knn_top1 std"
+    assert "left out 1 FAILED, 2 RUNNING run(s); --status all" in err
+    assert main([*args, "--status", "all"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "loss.vmf,runs,status,final_knn_top1 mean,final_knn_top1 std"
+    assert main([*args, "--status", "failed", "running"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["-,1,1 RUNNING,,", "True,2,\"1 FAILED, 1 RUNNING\",0.0,"]
+    with pytest.raises(ValueError, match="no KILLED runs under parent .*it has 1 FAILED, 6 FINISHED\\).*--status all"):
+        compare_runs(uri, "cmp", [], parent_run_id=parent, statuses=["KILLED"])
+
+
+def test_an_unknown_metric_is_named_with_the_known_ones(store, capsys):
+    uri, _ = store
+    with pytest.raises(ValueError, match="no run has metric.s. no_such_metric; known metrics: final_knn_top1, teacher_entropy$"):
+        compare_runs(uri, "cmp", [], ["final_knn_top1", "no_such_metric"])
+    assert main(["compare", "--experiment", "cmp", "--metric", "no_such_metric", "--plots", "", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_metric" in err and "known metrics: final_knn_top1" in err
 
 
 def test_plots_and_cli(store, tmp_path, capsys):

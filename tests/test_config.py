@@ -83,6 +83,41 @@ def test_missing_file_and_bad_preset(tmp_path):
         load_config(bad)
 
 
+def test_a_directory_given_as_the_config_file_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is a directory; --config takes a YAML file"):
+        load_config(tmp_path)
+
+
+def test_a_short_run_cuts_the_presets_warmups_with_a_warning():
+    cfg = load_config(overrides=["optim.epochs=1"])  # cpu_demo warms the teacher temperature up over 2 epochs
+    assert cfg.optim.epochs == 1 and cfg.loss.warmup_teacher_temp_epochs == 1 and cfg.optim.warmup_epochs == 1
+    assert cfg.warnings() == [(
+        "loss.warmup_teacher_temp_epochs=2 (preset cpu_demo) exceeds optim.epochs=1: cut to 1 for this run; "
+        "set loss.warmup_teacher_temp_epochs to choose another"
+    )]
+    base = load_config(preset="imagenet_vit_base", overrides=["optim.epochs=2"])  # 10, 3 and 50 epochs there
+    assert (base.optim.warmup_epochs, base.optim.freeze_last_layer_epochs, base.loss.warmup_teacher_temp_epochs) == (
+        2, 2, 2)
+    assert [line.split("=")[0] for line in base.warnings()] == [
+        "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.warmup_teacher_temp_epochs"]
+    assert load_config().warnings() == []
+
+
+@pytest.mark.parametrize("where", ["override", "file", "section"])
+def test_a_warmup_the_user_set_longer_than_the_run_stays_an_error(where, tmp_path):
+    path, overrides = None, ["optim.epochs=1"]
+    if where == "override":
+        overrides.append("loss.warmup_teacher_temp_epochs=2")
+    elif where == "section":
+        overrides.append("loss={warmup_teacher_temp_epochs: 2}")
+    else:
+        path = tmp_path / "run.yaml"
+        path.write_text("loss:\n  warmup_teacher_temp_epochs: 2\n")
+    with pytest.raises(ConfigError, match="loss.warmup_teacher_temp_epochs=2.0 exceeds optim.epochs=1; lower "
+                                          "loss.warmup_teacher_temp_epochs or raise optim.epochs"):
+        load_config(path, overrides)
+
+
 def test_flat_roundtrip_and_yaml():
     cfg = load_config()
     flat = cfg.flat()

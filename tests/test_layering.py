@@ -13,13 +13,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raydino"
 
 # lowest first; a module may import its own layer and those below
 LAYERS = [
-    {"registry", "presets", "objectstore", "locations", "storage", "schedules", "tables"},
+    {"registry", "presets", "objectstore", "locations", "storage", "schedules", "tables", "capacity"},
     {"config"},
     {"objectives", "plan"},
     {"models"},
     {"eval"},
     {"step", "data", "tracking"},
-    {"train", "export", "compare", "local_run"},
+    {"train", "export", "compare", "local_run", "attention_maps"},
     {"pretrain"},
     {"sweep", "sweep_report"},
     {"cli", "rehearsal"},

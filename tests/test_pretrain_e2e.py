@@ -91,7 +91,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "model", "checkpoint"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"kappa_histogram.png", "prototype_usage.png", "loss_curve.png"} <= plots
+    assert {"kappa_histogram.png", "prototype_usage.png", "loss_curve.png", "attention_grid.png"} <= plots
 
     # the exported backbone loads into timm and reproduces the checkpoint teacher's features
     export = summary.export_path

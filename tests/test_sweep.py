@@ -54,6 +54,17 @@ def _script(name: str):
 # --- search spaces and validation (no Ray) -------------------------------------------------
 
 
+def test_sweep_epochs_must_be_at_least_one(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    _script("_common").add_common_arguments(parser, default_seeds=2)
+    assert parser.parse_args(["--epochs", "2"]).epochs == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epochs", "0"])  # was taken as "not set": the preset's budget ran instead
+    assert "--epochs: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_with_overrides_sets_typed_values_and_validates():
     base = load_config()
     cfg = with_overrides(base, {"loss.vmf": False, "head.norm_last_layer": True, "seed": 3, "model.kwargs.depth": 2})

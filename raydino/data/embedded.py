@@ -102,3 +102,18 @@ def load_embedded(source: str, split: str, size: int, seed: int = 0) -> ArrayDat
     if source not in _LOADERS:
         raise ValueError(f"data.source={source!r} is not embedded; embedded sources: {', '.join(_LOADERS)}")
     return _LOADERS[source](split, size, seed)
+
+
+def embedded_location(source: str) -> str:
+    """Where an embedded source's files are (what an MLflow dataset input names as its source): the
+    digits file shipped with scikit-learn, or the Fashion-MNIST package's directory."""
+    if source == "digits":
+        from importlib.util import find_spec
+
+        spec = find_spec("sklearn")  # found, not imported
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz")
+        return "sklearn.datasets.load_digits"
+    if source == "fashion_mnist":
+        return str(FASHION_MNIST_DIR)
+    raise ValueError(f"data.source={source!r} is not embedded; embedded sources: {', '.join(_LOADERS)}")

@@ -5,7 +5,7 @@ trial a nested MLflow run under one parent run.
 Tune trial; ``bookkeeping`` leaves no MLflow run RUNNING; ``run`` puts them together.
 """
 
-from raydino.sweep.run import run_sweep
+from raydino.sweep.run import SweepResumeError, resumable_sweeps, run_sweep
 from raydino.sweep.spec import (
     Asha,
     SweepResult,
@@ -24,6 +24,7 @@ from raydino.sweep.spec import (
 __all__ = [
     "Asha",
     "SweepResult",
+    "SweepResumeError",
     "SweepSpec",
     "TrialOutcome",
     "absolute_paths",
@@ -32,6 +33,7 @@ __all__ = [
     "config_value",
     "derive_max_concurrent",
     "has_eval_data",
+    "resumable_sweeps",
     "run_sweep",
     "trial_resources",
     "validate_space",

@@ -7,7 +7,8 @@ Tune callback ends it (KILLED or FAILED); runs of trials Tune stopped without a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray import tune
@@ -24,6 +25,21 @@ class TrialBookkeeping(tune.Callback):
     def __init__(self, uri: str, experiment: str, sweep: str, log: Callable[[str], None]) -> None:
         self.uri, self.experiment, self.sweep, self.log = uri, experiment, sweep, log
         self.outcomes: dict[str, TrialOutcome] = {}
+
+    def __reduce__(self) -> tuple[Callable[..., TrialBookkeeping], tuple[str, str, str]]:
+        """Tune pickles the RunConfig, this callback included, into the sweep's ``tuner.pkl``, and
+        ``Tuner.restore`` unpickles it in the driver that resumes the sweep: pickled as the sweep's
+        identity, it comes back as that driver's live instance (``serving``), so the outcomes land where
+        ``run_sweep`` reads them and the log lines in its log."""
+        return live_bookkeeping, (self.uri, self.experiment, self.sweep)
+
+    def get_state(self) -> dict[str, Any]:
+        """Saved by Tune with each experiment snapshot, beside the trials' statuses: a resumed sweep
+        knows the outcomes (attempts, errors) of the trials that had ended when the snapshot was taken."""
+        return {"outcomes": dict(self.outcomes)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.outcomes.update(state.get("outcomes", {}))
 
     def _end_run(self, trial_id: str, status: str) -> None:
         try:
@@ -59,6 +75,25 @@ class TrialBookkeeping(tune.Callback):
         self.log(
             f"sweep: trial {trial.trial_id} FAILED after {trial.num_failures} attempt(s): {_last_lines(message, 1)}"
         )
+
+
+_SERVING: dict[str, TrialBookkeeping] = {}
+"""The live callback of each sweep this driver is running, by sweep name."""
+
+
+@contextmanager
+def serving(bookkeeping: TrialBookkeeping) -> Iterator[TrialBookkeeping]:
+    """While the sweep runs (restore included), a pickled callback of the same sweep unpickles as ``bookkeeping``."""
+    _SERVING[bookkeeping.sweep] = bookkeeping
+    try:
+        yield bookkeeping
+    finally:
+        _SERVING.pop(bookkeeping.sweep, None)
+
+
+def live_bookkeeping(uri: str, experiment: str, sweep: str) -> TrialBookkeeping:
+    """The running driver's callback of ``sweep``; a fresh one (printing) outside ``serving``."""
+    return _SERVING.get(sweep) or TrialBookkeeping(uri, experiment, sweep, print)
 
 
 def close_children(uri: str, experiment: str, parent_run_id: str, log: Callable[[str], None]) -> bool:

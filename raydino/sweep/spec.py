@@ -15,6 +15,7 @@ from typing import Any
 
 from ray.tune.search.sample import Domain
 
+from raydino.capacity import BOOTSTRAP_CONFIG, cluster_capacity, max_resources_of  # noqa: F401 - re-exported
 from raydino.config import Config, ConfigError, with_overrides
 from raydino.data.eval_data import has_eval_data
 from raydino.registry import DATA_SOURCES
@@ -141,36 +142,6 @@ def trial_resources(cfg: Config, trial_cpus: float) -> dict[str, float]:
     """What one trial needs in all: its Tune driver (which also runs the final evaluation)
     plus what its TorchTrainer requests (Train workers, Ray Data crop actors and readers)."""
     return {"CPU": required_cpus(cfg) + trial_cpus, "GPU": float(cfg.scaling.num_workers if cfg.scaling.use_gpu else 0)}
-
-
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
-"""Where ``ray up`` leaves the cluster config on the head node (Ray Tune looks there too)."""
-
-
-def max_resources_of(cluster_config: Mapping[str, Any]) -> dict[str, float]:
-    """What a cluster launched from ``cluster_config`` (a ``ray up`` YAML) can grow to: each node type's
-    ``resources`` times its ``max_workers`` (the head type once). Node types without explicit
-    ``resources`` add nothing (their size is known only once a node is up)."""
-    head = cluster_config.get("head_node_type")
-    total: dict[str, float] = {}
-    for name, node_type in (cluster_config.get("available_node_types") or {}).items():
-        count = 1 if name == head else int(node_type.get("max_workers", 0))
-        for key, value in (node_type.get("resources") or {}).items():
-            total[key] = total.get(key, 0.0) + float(value) * count
-    return total
-
-
-def cluster_capacity(current: Mapping[str, float], bootstrap_config: Path = BOOTSTRAP_CONFIG) -> dict[str, float]:
-    """Resources the Ray cluster has now or can grow to: on a ``ray up`` cluster (its bootstrap config on
-    this node) the autoscaler may add nodes up to each type's ``max_workers``, so a fresh cluster with
-    no GPU node up yet can still run GPU trials (they wait as PENDING while nodes start)."""
-    path = bootstrap_config.expanduser()
-    grown: dict[str, float] = {}
-    if path.is_file():
-        import yaml
-
-        grown = max_resources_of(yaml.safe_load(path.read_text()) or {})
-    return {key: max(float(current.get(key, 0.0)), grown.get(key, 0.0)) for key in {*current, *grown}}
 
 
 def derive_max_concurrent(configs: Sequence[Config], trial_cpus: float, cluster: Mapping[str, float]) -> int:

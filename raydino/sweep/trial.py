@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raydino.config import Config, with_overrides
 from raydino.pretrain import pretrain
 from raydino.sweep.spec import arm_label, arm_values
+from raydino.tracking import RunLogger, find_run, search_runs, source_tags
 from raydino.train.driver import quiet_ray_data
 
 FINAL_KEY = "raydino_final"  # present only in a trial's last report, after its final evaluation
@@ -25,6 +26,35 @@ RUNG_EPOCH = "rung_epoch"  # ASHA's time attribute: completed epochs, absent fro
 def trial_run_name(sweep: str, trial_id: str) -> str:
     """The trial's MLflow run name, which is how the driver finds the run again."""
     return f"{sweep}-{trial_id}"
+
+
+def finished_run(uri: str, experiment: str, run_name: str, parent_run_id: str) -> dict[str, Any] | None:
+    """The latest metrics of the trial's child run (and ``mlflow_run_id``) if it already ended FINISHED.
+
+    A resumed sweep restarts every trial that Tune's last experiment snapshot (taken every 10 s or
+    more) saw unfinished, including one that finished between that snapshot and the driver's death.
+    ``pretrain`` ends a run FINISHED only after its final evaluation, so such a trial reports the run
+    instead of reopening it and training again."""
+    run_id = find_run(uri, experiment, run_name)
+    if run_id is None or RunLogger(uri, run_id).status() != "FINISHED":
+        return None
+    row = next((r for r in search_runs(uri, experiment, parent_run_id) if r["run_id"] == run_id), None)
+    if row is None:  # a run of that name outside this sweep: not ours to report
+        return None
+    return {**{k.removeprefix("metrics."): v for k, v in row.items() if k.startswith("metrics.")}, "mlflow_run_id": run_id}
+
+
+def trial_tags(cfg: Config, setup: dict[str, Any], trial_id: str) -> dict[str, str]:
+    """The child run's tags: sweep, trial, the arm as one label and one ``raydino.arm.<key>`` tag per
+    arm key (columns the MLflow runs table can show and group by), and the sweep script as Source."""
+    arm = arm_values(cfg, setup["arm_keys"])
+    return {
+        "raydino.sweep": setup["name"],
+        "raydino.trial_id": trial_id,
+        "raydino.arm": arm_label(arm),
+        **{f"raydino.arm.{k}": v for k, v in arm.items()},
+        **source_tags(setup.get("source_name")),  # the sweep's script, not this Ray worker's
+    }
 
 
 def run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
@@ -41,17 +71,17 @@ def run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         "checkpoint.storage_path": setup["train_storage"],
         "checkpoint.max_failures": setup["worker_failures"],
     })
-    arm = arm_values(cfg, setup["arm_keys"])
-    tags = {
-        "raydino.sweep": setup["name"],
-        "raydino.trial_id": trial_id,
-        "raydino.arm": arm_label(arm),
-        **{f"raydino.arm.{k}": v for k, v in arm.items()},
-    }
+    done = finished_run(setup["uri"], cfg.tracking.experiment, run_name, setup["parent_run_id"])
+    if done is not None:
+        print(f"[{trial_id}] MLflow run {done['mlflow_run_id']} had finished before the sweep was resumed: "
+              "reporting it, not training it again", flush=True)
+        knn = done.get("final_knn_top1", done.get("knn_top1", float("nan")))
+        tune.report({**done, "knn_top1": knn, "epoch": cfg.optim.epochs, FINAL_KEY: 1})
+        return
     summary = pretrain(
         cfg,
         parent_run_id=setup["parent_run_id"],
-        tags=tags,
+        tags=trial_tags(cfg, setup, trial_id),
         run_callbacks=[RungReport(cfg.optim.epochs)],
         log=lambda line: print(f"[{trial_id}] {line}", flush=True),
     )

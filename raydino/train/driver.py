@@ -6,9 +6,12 @@ a dataset smaller than one batch fails here, before the first worker starts.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raydino.capacity import cluster_capacity, fit_verdict
 from raydino.config import Config
 from raydino.data.clock import start_crop_meter, start_epoch_clock
 from raydino.data.eval_data import load_eval_data
@@ -77,35 +81,172 @@ def stream_passes(epochs: int) -> int:
     return epochs + 1 + epochs // 8
 
 
+PRIVATE_INSTANCE = "raydino_private_instance"
+"""A custom resource a Ray started by ``ensure_ray`` declares: another run on the same machine sees it
+and starts a Ray of its own instead of joining one sized for somebody else (which deadlocks both)."""
+
+
+def needed_resources(cfg: Config) -> dict[str, float]:
+    """What one run holds at once: train workers (with their GPUs and custom resources), the crop
+    pool's minimum and a reader (``required_cpus``)."""
+    needs = {"CPU": required_cpus(cfg), "GPU": float(cfg.scaling.num_workers if cfg.scaling.use_gpu else 0)}
+    for key, value in cfg.scaling.resources_per_worker.items():
+        needs[key] = needs.get(key, 0.0) + value * cfg.scaling.num_workers
+    for key, value in cfg.data.crop_actor_resources.items():
+        needs[key] = needs.get(key, 0.0) + value * cfg.crop_pool()[0]
+    return needs
+
+
+def _join_cluster() -> bool:
+    """Join a cluster started on this machine with ``ray start`` / ``ray up``; never another run's private Ray."""
+    try:
+        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+    except ConnectionError:
+        return False
+    if ray.cluster_resources().get(PRIVATE_INSTANCE):
+        ray.shutdown()
+        return False
+    return True
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
-    """Connect to RAY_ADDRESS or to a Ray already running on this machine; else start a local
-    Ray sized for this run.
+    """Connect to RAY_ADDRESS or to a cluster started on this machine (``ray start``); else start a
+    private Ray sized for this run, which later runs on this machine do not join.
 
     Logical CPUs are bookkeeping: on a small machine we declare enough for the run to
     schedule (an under-sized cluster hangs silently instead of failing); ``extra_cpus``
-    is what else must fit beside one run (a sweep's trial driver).
+    is what else must fit beside one run (a sweep's trial driver). A run that needs GPUs this
+    machine lacks fails here, before Ray starts.
     """
     if ray.is_initialized():
         return
+    own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # the token-auth notice, every start
+    try:
+        _start_or_join(cfg, extra_cpus)
+        _filter_ray_console()
+    finally:  # ray.init sets SIGTERM to sys.exit, which aborts a driver blocked in fit (rc 134, a C++ dump)
+        if callable(own):
+            signal.signal(signal.SIGTERM, own)
+
+
+def _start_or_join(cfg: Config, extra_cpus: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    try:  # a cluster started with `ray start` / `ray up` on this machine
-        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
         quiet_ray_data()
         return
-    except ConnectionError:
-        pass
+    if _join_cluster():
+        quiet_ray_data()
+        return
+    gpus = needed_resources(cfg)["GPU"]
+    if gpus > _local_gpus():
+        raise PretrainError(
+            f"scaling.use_gpu=true asks for {gpus:g} GPU(s) ({cfg.scaling.num_workers} workers), but this machine has "
+            f"{_local_gpus()} and no Ray cluster is running here to add them; set scaling.use_gpu=false to train on "
+            "CPU, or start the run on a GPU cluster (`ray up cluster.yaml`, then RAY_ADDRESS or `ray job submit`)"
+        )
     num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + extra_cpus))
-    ray.init(num_cpus=num_cpus, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, resources={PRIVATE_INSTANCE: 1}, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
     quiet_ray_data()
 
 
-def quiet_ray_data() -> None:
-    """One progress line per epoch from us instead of Ray Data's per-operator bars."""
+RAY_NOISE = re.compile(
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
+    r"|site-packages/ray/.*(Deprecation|Future)Warning"
+    r"|^\s+self\.exclude_resources = exclude_resources$"
+    r"|^Progress bars disabled\."
+    r"|PYTHON worker processes have been started on node"
+)
+"""Lines of Ray internals that every run prints and that read as errors: known and harmless here."""
+
+
+def _without_noise(print_lines: Callable[..., None]) -> Callable[..., None]:
+    def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        lines = [line for line in data.get("lines", []) if not RAY_NOISE.search(str(line))]
+        if lines:
+            print_lines({**data, "lines": lines}, *args, **kwargs)
+
+    filtered.raydino_filter = True  # type: ignore[attr-defined]
+    return filtered
+
+
+def _filter_ray_console() -> None:
+    """Keep RAY_NOISE out of the console; the workers' and raylet's log files (``ray logs``) keep every line.
+
+    Ray prints forwarded worker output (``log_to_driver``) through the handler ``ray_print_logs`` of its
+    stdstream dispatcher and the raylet's warnings through ``print_to_stdstream``: both are wrapped in a
+    filter. These are Ray internals: if they change, the lines simply show again."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    if not getattr(ray_worker.print_to_stdstream, "raydino_filter", False):
+        ray_worker.print_to_stdstream = _without_noise(ray_worker.print_to_stdstream)
+    handlers = dict(dispatcher.handlers)
+    printer = handlers.get("ray_print_logs")
+    if printer is not None and not getattr(printer, "raydino_filter", False):
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", _without_noise(printer))
+
+
+def mute_worker_logs() -> None:
+    """Stop forwarding worker output to this console (a run being stopped: what its workers print while
+    Ray tears them down reads as a crash). Their log files keep it."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    dispatcher.remove_handler("ray_print_logs")
+
+
+def check_cluster_fits(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """Compare what the run needs with what the cluster has free, has, and can grow to: more than it
+    can ever hold fails now; a shortfall that nodes or other jobs may clear is said, and is bounded by
+    ``scaling.start_timeout_s`` (Ray Train's worker-group start retries, Ray Data's wait for the crop
+    pool's minimum)."""
+    needs = needed_resources(cfg)
+    total = ray.cluster_resources()
+    verdict, message = fit_verdict(needs, ray.available_resources(), total, cluster_capacity(total))
+    if verdict == "never":
+        raise PretrainError(
+            f"{message}; lower scaling.num_workers or the crop pool (data.num_crop_actors, "
+            "data.crop_actors_per_worker), set scaling.use_gpu=false, or add node types (cluster.yaml) that provide them"
+        )
+    if verdict == "wait":
+        log(f"raydino: {message}; it gives up after scaling.start_timeout_s={cfg.scaling.start_timeout_s:g} s")
+
+
+def prepare_cluster(cfg: Config, log: Callable[[str], None] = print, extra_cpus: float = 0.0) -> None:
+    """Ray connected or started (``ensure_ray``), the run checked against the cluster, and Ray Data's wait
+    for crop actors bounded: all before any MLflow run is created, so a run that cannot start leaves none."""
+    ensure_ray(cfg, extra_cpus)
+    check_cluster_fits(cfg, log)
+    quiet_ray_data(cfg.scaling.start_timeout_s)
+
+
+def start_attempts(cfg: Config) -> int:
+    """Ray Train retries of starting the worker group (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+    60 s by default) that fit in ``scaling.start_timeout_s``: a run never waits for workers forever."""
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    return max(0, math.ceil(cfg.scaling.start_timeout_s / per_try) - 1)
+
+
+def quiet_ray_data(wait_for_actors_s: float | None = None) -> None:
+    """One progress line per epoch from us instead of Ray Data's per-operator bars; with
+    ``wait_for_actors_s``, Ray Data fails instead of waiting forever for the crop pool's minimum."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    if wait_for_actors_s is not None:
+        context.wait_for_min_actors_s = math.ceil(wait_for_actors_s)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -124,6 +265,23 @@ def _diverged_message(exc: BaseException) -> str | None:
         return str(root)
     match = re.search(r"TrainingDiverged: (.+)", str(exc)) or re.search(r"TrainingDiverged: (.+)", str(root))
     return match.group(1) if match else None
+
+
+def _start_timeout_message(exc: BaseException, cfg: Config) -> str | None:
+    """Ray Train's worker-group start or Ray Data's crop-actor start that ran out of
+    ``scaling.start_timeout_s``: what the run needed and what the cluster had free when it gave up."""
+    text = f"{type(exc).__name__} {exc} {type(_root_cause(exc)).__name__} {_root_cause(exc)}"
+    if "WorkerGroupStartupTimeoutError" not in text and "Timed out while starting actors" not in text \
+            and "worker group startup timed out" not in text:
+        return None
+    needs = needed_resources(cfg)
+    free = ray.available_resources()
+    what = ", ".join(f"{v:g} {k} (free: {float(free.get(k, 0.0)):g})" for k, v in needs.items() if v > 0)
+    return (
+        f"the cluster did not give this run its train workers and crop actors within "
+        f"scaling.start_timeout_s={cfg.scaling.start_timeout_s:g} s; it needs {what}. Wait for other jobs to end, "
+        "lower scaling.num_workers or the crop pool (data.num_crop_actors), or raise scaling.start_timeout_s"
+    )
 
 
 def build_trainer(
@@ -155,12 +313,22 @@ def _local_checkpoint(checkpoint: ray.train.Checkpoint | None, storage: str, loc
 
 
 def run_pretraining(
-    plan: RunPlan, *, log: Callable[[str], None] = print, run_callbacks: list[Any] | None = None
+    plan: RunPlan,
+    *,
+    log: Callable[[str], None] = print,
+    run_callbacks: list[Any] | None = None,
+    on_source: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Fit one TorchTrainer for ``plan``; it resumes when a run of the same name exists in storage."""
+    """Fit one TorchTrainer for ``plan``; it resumes when a run of the same name exists in storage.
+
+    ``on_source`` is called with the number of training images as soon as the source is listed
+    (``pretrain`` logs the run's MLflow dataset input with it, before training starts)."""
     cfg = plan.cfg
     ensure_ray(cfg)
+    quiet_ray_data(cfg.scaling.start_timeout_s)
     source = source_from_config(cfg.data, "train", cfg.seed)
+    if on_source is not None:
+        on_source(source.num_files)
     world = cfg.scaling.num_workers
     steps_per_epoch = source.num_files // world // cfg.data.batch_size_per_worker
     if steps_per_epoch < 1:
@@ -199,7 +367,9 @@ def run_pretraining(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=plan.max_failures, controller_failure_limit=start_attempts(cfg)
+            ),
             callbacks=run_callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch lines, not per-report INFO
         ),
@@ -211,9 +381,13 @@ def run_pretraining(
     )
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        mute_worker_logs()  # the workers' dying tracebacks belong in their log files, not under the stop line
+        raise
     except Exception as exc:  # Ray wraps worker errors; surface the one the user can act on
         root = _root_cause(exc)
-        message = _diverged_message(exc) or f"{type(root).__name__}: {str(root)[-2000:]}"
+        message = (_diverged_message(exc) or _start_timeout_message(exc, cfg)
+                   or f"{type(root).__name__}: {str(root)[-2000:]}")
         raise PretrainError(f"training failed: {message}\n(full logs: {plan.run_dir})") from exc
     finally:
         crops = _crop_summary(meter)
