@@ -277,6 +277,16 @@ def pretrain(
     return PretrainSummary(result, final, uri, run_id, export_path, model)
 
 
+def prototype_norm_line(metrics: Mapping[str, float]) -> str:
+    """The spread of the vMF precisions kappa = ||w_k|| / tau at the end: what lets DINO-vMF differ from
+    DINO (with equal norms the vMF term is a constant and DINO-vMF is DINO)."""
+    parts = []
+    for name in ("student", "teacher"):
+        q05, q50, q95 = (metrics[f"kappa_{name}_{q}"] for q in ("q05", "q50", "q95"))
+        parts.append(f"{name} {q05:.3g}..{q95:.3g} (median {q50:.3g}, q95/q05 {q95 / q05:.3f})")
+    return "prototype precision kappa, q05..q95: " + "; ".join(parts)
+
+
 def summary_lines(summary: PretrainSummary) -> list[str]:
     final, result = summary.final, summary.result
     lines = [f"done: {result.steps} steps; checkpoint {result.checkpoint_dir}"]
@@ -288,6 +298,11 @@ def summary_lines(summary: PretrainSummary) -> list[str]:
             f"{final.random_init.get('knn_top1', float('nan')):.1f}%   (linear probe {final.metrics.get('linear_probe_top1', float('nan')):.1f}%, "
             f"prototypes in use {final.metrics.get('prototypes_in_use', float('nan')):.0f})"
         )
+    if "kappa_student_q05" in final.metrics:
+        lines.append(prototype_norm_line(final.metrics))
+    if result.metrics.get("collapsed"):
+        lines.append("collapse: the last epoch was collapsed (the warning above; MLflow tag raydino.collapse, "
+                     "metric collapsed); its kNN is not the method's")
     lines.append(f"MLflow run {summary.mlflow_run_id} in {summary.tracking_uri}")
     lines.append(f"open it with: {ui_command(summary.tracking_uri)}")
     lines.append(f"  the runs table: {experiment_url(summary.tracking_uri, summary.mlflow_run_id)}")

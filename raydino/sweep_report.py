@@ -55,8 +55,8 @@ def with_arm_columns(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFram
 
 
 def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
-    """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std,
-    linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
+    """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std, the
+    random network's kNN (the floor a collapsed run sits at), linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
     over seeds), final teacher entropy, and how many seeds collapsed."""
     runs = with_arm_columns(runs, arm_keys)
     keys = list(arm_keys)
@@ -64,6 +64,7 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
         runs["arm"] = "all"
         keys = ["arm"]
     runs["knn"] = metric_column(runs, "final_knn_top1")
+    runs["knn_random"] = metric_column(runs, "random_init_knn_top1")
     runs["probe"] = metric_column(runs, "final_linear_probe_top1")
     runs["prototypes"] = metric_column(runs, "final_prototypes_in_use")
     runs["kappa_q50"] = metric_column(runs, "final_kappa_teacher_q50")
@@ -86,6 +87,7 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
             failed=int((group["status"] == "FAILED").sum()),
             knn_top1_mean=done["knn"].mean(),
             knn_top1_std=done["knn"].std(ddof=1),
+            knn_random_init=done["knn_random"].mean(),
             linear_probe_top1=done["probe"].mean(),
             prototypes_in_use=done["prototypes"].mean(),
             kappa_median=done["kappa_q50"].mean(),
@@ -100,7 +102,8 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
 
 def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
     arm_keys = list(arm_keys) or ["arm"]
-    header = [*arm_keys, "seeds", "kNN top-1", "linear probe", "prototypes in use", "kappa median [90% range]",
+    header = [*arm_keys, "seeds", "kNN top-1", "random init", "linear probe", "prototypes in use",
+              "kappa median [90% range]",
               "teacher entropy", "collapsed"]
     rows = []
     for _, r in table.iterrows():
@@ -110,6 +113,7 @@ def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
             *(str(r[k]) for k in arm_keys),
             seeds,
             f"{format_cell(r['knn_top1_mean'])} ± {format_cell(r['knn_top1_std'])}",
+            format_cell(r["knn_random_init"]),
             format_cell(r["linear_probe_top1"]),
             format_cell(r["prototypes_in_use"], ".0f"),
             f"{format_cell(r['kappa_median'])} [{format_cell(r['kappa_q05'])}, {format_cell(r['kappa_q95'])}]",

@@ -10,6 +10,7 @@ rank 0.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from raydino.config import Config
 from raydino.data.augment import crop_names
+from raydino.eval.collapse import KNOBS, CollapseWatch
 from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network
 from raydino.eval.prototypes import kappa_statistics
@@ -108,6 +110,8 @@ class _Worker:
             if self.cfg.tracking.system_metrics:
                 interval = min(10.0, max(1.0, self.cfg.tracking.progress_seconds))
                 self.stop_system_metrics = start_system_metrics(plan.tracking_uri, plan.mlflow_run_id, interval)
+        self.collapse = CollapseWatch(self.cfg.head.num_prototypes) if self.rank == 0 else None
+        self.collapse_warned = False
         self.progress = ProgressMeter(
             global_batch=self.cfg.data.batch_size_per_worker * self.ctx.get_world_size(),
             steps_per_epoch=plan.steps_per_epoch, total_steps=self.total_steps,
@@ -194,6 +198,8 @@ class _Worker:
                 _say(f"raydino: skipped step {self.step}: non-finite loss ({self.guard.in_a_row} in a row)")
             return None
         self.guard.finite()
+        if self.collapse is not None:
+            self.collapse.record(metrics.get("teacher_entropy", math.nan), metrics.get("mean_target_entropy", math.nan))
         return metrics
 
     def stream(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -216,6 +222,18 @@ class _Worker:
             )
         )
 
+    def watch_collapse(self, epoch_metrics: dict[str, float]) -> None:
+        """Rank 0: metric ``collapsed`` (0/1) every epoch; the first collapsed epoch prints one warning
+        and tags the run ``raydino.collapse`` with what was seen."""
+        reason = self.collapse.end_epoch(self.epoch, epoch_metrics.get("prototypes_in_use"))
+        epoch_metrics["collapsed"] = float(reason is not None)
+        if reason is None or self.collapse_warned:
+            return
+        self.collapse_warned = True
+        _say(f"raydino: warning: collapse: {reason}; {KNOBS}")
+        if self.logger is not None:
+            self.logger.set_tags({"raydino.collapse": reason})
+
     def end_epoch(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
         epoch_metrics = {**metrics, "epoch_seconds": seconds, "nonfinite_skipped": float(self.guard.skipped)}
         if self.evaluating and (self.epoch + 1) % self.cfg.eval.every_epochs == 0:
@@ -223,6 +241,8 @@ class _Worker:
                 self.step_fn.teacher, self.plan.eval_data, self.device, self.cfg.eval.knn_k, self.cfg.eval.knn_temperature
             )
             epoch_metrics.update(self.latest_eval)
+        if self.collapse is not None:
+            self.watch_collapse(epoch_metrics)
         if self.rank == 0:
             line = f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}  step {self.step}/{self.total_steps}  "
             line += f"loss {metrics.get('loss', float('nan')):.4f}"
