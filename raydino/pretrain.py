@@ -93,7 +93,8 @@ def final_evaluation(
     arrays: dict[str, np.ndarray] = {}
     if eval_data is not None:
         metrics, usage = evaluate_with_usage(
-            teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True
+            teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True,
+            vmf_temperature=cfg.loss.teacher_temp if cfg.loss.vmf else None,
         )
         torch.manual_seed(cfg.seed)
         _, random_teacher = build_models(cfg)
@@ -126,7 +127,8 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], data_path: str |
         raise FileNotFoundError(
             f"no evaluation data for data.source={cfg.data.source!r}; pass --data <ImageFolder directory>"
         )
-    metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True)
+    metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True,
+                               vmf_temperature=cfg.loss.teacher_temp if cfg.loss.vmf else None)
     for key, value in kappa_statistics(teacher.head.prototype_norms().detach(), cfg.loss.teacher_temp).items():
         metrics[f"kappa_teacher_{key}"] = value
     return metrics

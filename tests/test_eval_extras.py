@@ -129,3 +129,39 @@ def test_plots_write_png(tmp_path):
     _assert_png(plot_prototype_usage(usage, tmp_path / "usage.png"))
     steps = np.arange(100)
     _assert_png(plot_loss_curve(steps, 5 * np.exp(-steps / 30) + 1, str(tmp_path / "loss.png")))
+
+
+def test_prototype_usage_of_a_vmf_run_is_the_argmax_of_its_vmf_logits():
+    """Unequal prototype norms: DINO-vMF's targets favour argmax_k w_k.y / tau + log C_p(||w_k|| / tau),
+    computed here independently with scipy's exponentially scaled Bessel function."""
+    from scipy.special import ive
+
+    from raydino.config import load_config
+    from raydino.eval.data import EvalData
+    from raydino.eval.evaluate import evaluate_with_usage, extract
+    from raydino.step import build_models
+    from tests.tiny import TINY_NET
+
+    cfg = load_config(overrides=[*TINY_NET, "loss.vmf=true", "head.norm_last_layer=false"])
+    _, teacher = build_models(cfg)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        teacher.head.prototype_gain.copy_(torch.from_numpy(rng.uniform(0.2, 3.0, (cfg.head.num_prototypes, 1))))
+    size = cfg.data.crops.global_size
+    images = rng.uniform(0, 1, (60, 3, size, size)).astype(np.float32)
+    labels = np.arange(60) % 3
+    data = EvalData(images[:30], labels[:30], images[30:], labels[30:], 3)
+    tau = 0.04
+    _, scores = extract(teacher, data.test_images)
+    kappa = teacher.head.prototype_norms().detach().double().numpy() / tau
+    p = teacher.head.bottleneck_dim
+    nu = p / 2 - 1
+    log_c = nu * np.log(kappa) - (p / 2) * np.log(2 * np.pi) - (np.log(ive(nu, kappa)) + kappa)
+    expected = np.bincount((scores.double().numpy() / tau + log_c).argmax(1), minlength=len(kappa)) / 30
+    raw = np.bincount(scores.numpy().argmax(1), minlength=len(kappa)) / 30
+    assert not np.array_equal(expected, raw)  # the norms change which prototypes the targets favour
+    metrics, usage = evaluate_with_usage(teacher, data, ks=(20,), vmf_temperature=tau)
+    np.testing.assert_array_equal(usage.numpy(), expected)
+    assert metrics["prototypes_in_use"] == (expected > 0).sum()
+    _, plain = evaluate_with_usage(teacher, data, ks=(20,))
+    np.testing.assert_array_equal(plain.numpy(), raw)

@@ -17,6 +17,7 @@ from raydino.eval.knn import knn_top1
 from raydino.eval.probe import linear_probe_top1
 from raydino.eval.prototypes import prototype_utilisation
 from raydino.models import MultiCropNetwork, normalize_crops
+from raydino.objectives.vmf import vmf_logits
 
 
 @torch.no_grad()
@@ -45,9 +46,10 @@ def evaluate_network(
     ks: Sequence[int] = (10, 20, 100),
     temperature: float = 0.07,
     linear_probe: bool = False,
+    vmf_temperature: float | None = None,
 ) -> dict[str, float]:
     """knn_top1 (k=20) and knn_top1_k{k}, prototypes_in_use and usage entropy on the test split."""
-    return evaluate_with_usage(network, data, device, ks, temperature, linear_probe)[0]
+    return evaluate_with_usage(network, data, device, ks, temperature, linear_probe, vmf_temperature)[0]
 
 
 def evaluate_with_usage(
@@ -57,8 +59,13 @@ def evaluate_with_usage(
     ks: Sequence[int] = (10, 20, 100),
     temperature: float = 0.07,
     linear_probe: bool = False,
+    vmf_temperature: float | None = None,
 ) -> tuple[dict[str, float], Tensor]:
-    """``evaluate_network``'s metrics and the prototype usage histogram (K,), from one feature pass."""
+    """``evaluate_network``'s metrics and the prototype usage histogram (K,), from one feature pass.
+
+    ``vmf_temperature``: the teacher's temperature of a DINO-vMF run; prototype usage is then the argmax
+    of its vMF logits w_k . y / tau + log C_p(||w_k|| / tau), the prototype its targets favour, not of the
+    raw scores (the same argmax only when every prototype has the same norm)."""
     train_f, _ = extract(network, data.train_images, device)
     test_f, test_scores = extract(network, data.test_images, device)
     train_y, test_y = torch.from_numpy(data.train_labels), torch.from_numpy(data.test_labels)
@@ -66,6 +73,9 @@ def evaluate_with_usage(
     for k in sorted(set(ks) | {20}):
         metrics[f"knn_top1_k{k}"] = knn_top1(train_f, train_y, test_f, test_y, data.num_classes, k, temperature)
     metrics["knn_top1"] = metrics["knn_top1_k20"]
+    if vmf_temperature is not None:
+        norms = network.head.prototype_norms().detach().float().cpu()
+        test_scores = vmf_logits(test_scores, norms, vmf_temperature, network.head.bottleneck_dim)
     usage = prototype_utilisation(test_scores)
     metrics["prototypes_in_use"] = float(usage["distinct"])
     metrics["prototype_usage_entropy"] = float(usage["entropy"])
