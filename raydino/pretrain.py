@@ -47,6 +47,12 @@ from raydino.tracking import (
 from raydino.train.driver import TrainResult, prepare_cluster, run_pretraining
 
 
+def _extends(plan: RunPlan) -> bool:
+    """A finished run started again with more epochs than its checkpoint was trained for: it continues."""
+    found = latest_checkpoint_config(plan.run_dir)
+    return found is not None and plan.cfg.optim.epochs > found[1].optim.epochs
+
+
 class RunComplete(Exception):
     """A run started again under the name of one that ended FINISHED: nothing to do, and its MLflow run
     (status, duration) is left as it was."""
@@ -55,7 +61,8 @@ class RunComplete(Exception):
         self.run_name, self.run_id, self.tracking_uri = run_name, run_id, tracking_uri
         super().__init__(
             f"run {run_name!r} is complete (MLflow run {run_id} in {tracking_uri} ended FINISHED); nothing to do. "
-            "To train again, choose another tracking.run_name"
+            "To train it longer, raise optim.epochs (it continues from its last checkpoint); to train again, "
+            "choose another tracking.run_name"
         )
 
 
@@ -224,7 +231,7 @@ def pretrain(
     cfg = plan.cfg
     run_id = find_run(uri, cfg.tracking.experiment, plan.run_name)
     check_resumable(plan)
-    if run_id is not None and RunLogger(uri, run_id).status() == "FINISHED":
+    if run_id is not None and RunLogger(uri, run_id).status() == "FINISHED" and not _extends(plan):
         raise RunComplete(plan.run_name, run_id, uri)
     prepare_cluster(cfg, log)
     if run_id is None:

@@ -97,8 +97,9 @@ def test_a_full_cluster_fails_after_start_timeout_and_the_run_ends_failed(ray_se
     cfg = load_config(overrides=[*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "optim.epochs=1",
                                  "tracking.run_name=full", f"checkpoint.storage_path={tmp_path / 'runs'}",
                                  "scaling.start_timeout_s=30"])
-    hog = placement_group([{"CPU": ray.available_resources()["CPU"] - 1}])
-    assert hog.wait(timeout_seconds=60)
+    # all but one CPU of the session's Ray, placed once earlier tests' actors are gone (bounded)
+    hog = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 1}])
+    assert hog.wait(timeout_seconds=120)
     lines: list[str] = []
     try:
         with pytest.raises(PretrainError, match=r"did not give this run its train workers .* within "
