@@ -215,6 +215,23 @@ def test_temperature_sweep_arguments(capsys):
     assert "8 trials" in capsys.readouterr().out
 
 
+def test_demo_recipe_sweep_arguments(capsys):
+    sweep = _script("demo_recipe")
+    args = sweep.build_parser().parse_args(
+        ["--grid", "head.num_prototypes=256,1024", "optim.momentum_teacher=0.95,0.99", "--seeds", "2"])
+    space, arm_keys = sweep.recipe_space(args)
+    assert space["head.num_prototypes"] == [256, 1024] and space["optim.momentum_teacher"] == [0.95, 0.99]
+    assert space["loss.koleo_weight"] == [0.0, 1.0] and space["seed"] == [0, 1]  # every arm with and without KoLeo
+    assert arm_keys == ["head.num_prototypes", "optim.momentum_teacher", "loss.koleo_weight"]
+    assert sweep.main(["--dry-run", "--grid", "head.num_prototypes=256,1024"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials" in out and "loss.koleo_weight in [0.0, 1.0]" in out
+    with pytest.raises(SystemExit):
+        sweep.build_parser().parse_args(["--grid", "head.num_prototypes"])
+    with pytest.raises(ConfigError, match="--koleo"):
+        sweep.recipe_space(sweep.build_parser().parse_args(["--grid", "loss.koleo_weight=0,1"]))
+
+
 # --- the per-arm report (MLflow runs made here) -------------------------------------------
 
 
