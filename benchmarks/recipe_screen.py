@@ -34,7 +34,7 @@ def screen(name: str, overrides: list[str], threads: int = 1) -> dict[str, objec
     torch.manual_seed(cfg.seed)
     train, test = _load(cfg, "train"), _load(cfg, "test")
     data = EvalData(train.images, train.labels, test.images, test.labels, len(train.classes))
-    vmf_temperature = cfg.loss.teacher_temp if cfg.loss.vmf else None
+    vmf_temperature = cfg.usage_temperature
     _, random_teacher = build_models(cfg)
     random_knn = evaluate_network(random_teacher, data, ks=(20,))["knn_top1"]
     torch.manual_seed(cfg.seed)

@@ -375,6 +375,12 @@ class Config(_Section):
             teacher_patch_temp=lo.teacher_patch_temp,
         )
 
+    @property
+    def usage_temperature(self) -> float | None:
+        """The teacher temperature prototype usage is measured at through the vMF logits (DINO-vMF runs);
+        None: the raw scores' argmax (``raydino.eval.evaluate``, ``vmf_temperature``)."""
+        return self.loss.teacher_temp if self.loss.vmf else None
+
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for logging as parameters and for comparing runs."""
         return flatten(self.model_dump(mode="json"))

@@ -118,12 +118,13 @@ def latest_checkpoint_config(run_dir: str) -> tuple[str, Config] | None:
     return None
 
 
-def check_resumable(plan: RunPlan) -> None:
+def check_resumable(plan: RunPlan) -> tuple[str, Config] | None:
     """Refuse, before Ray starts, to continue a run whose checkpoint another architecture wrote: the
-    message lists the keys that differ and the two ways out."""
+    message lists the keys that differ and the two ways out. Returns the newest checkpoint's (name,
+    config) it read, or None for a run without checkpoints."""
     found = latest_checkpoint_config(plan.run_dir)
     if found is None:
-        return
+        return None
     name, saved = found
     old, new = saved.flat(), plan.cfg.flat()
     keys = sorted(k for k in {*old, *new} if k.startswith(STATE_KEYS) and old.get(k) != new.get(k))
@@ -133,3 +134,4 @@ def check_resumable(plan: RunPlan) -> None:
             f"run {plan.run_name!r} has a checkpoint ({name} in {plan.run_dir}) of another configuration ({diff}); "
             "resume it with its own settings, or start a new run with another tracking.run_name"
         )
+    return found

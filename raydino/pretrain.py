@@ -47,10 +47,9 @@ from raydino.tracking import (
 from raydino.train.driver import TrainResult, prepare_cluster, run_pretraining
 
 
-def _extends(plan: RunPlan) -> bool:
-    """A finished run started again with more epochs than its checkpoint was trained for: it continues."""
-    found = latest_checkpoint_config(plan.run_dir)
-    return found is not None and plan.cfg.optim.epochs > found[1].optim.epochs
+def _extends(plan: RunPlan, checkpoint: tuple[str, Config] | None) -> bool:
+    """A finished run started again with more epochs than its ``checkpoint`` was trained for: it continues."""
+    return checkpoint is not None and plan.cfg.optim.epochs > checkpoint[1].optim.epochs
 
 
 class RunComplete(Exception):
@@ -101,7 +100,7 @@ def final_evaluation(
     if eval_data is not None:
         metrics, usage = evaluate_with_usage(
             teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True,
-            vmf_temperature=cfg.loss.teacher_temp if cfg.loss.vmf else None,
+            vmf_temperature=cfg.usage_temperature,
         )
         torch.manual_seed(cfg.seed)
         _, random_teacher = build_models(cfg)
@@ -135,7 +134,7 @@ def evaluate_checkpoint(checkpoint_dir: str | os.PathLike[str], data_path: str |
             f"no evaluation data for data.source={cfg.data.source!r}; pass --data <ImageFolder directory>"
         )
     metrics = evaluate_network(teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature, linear_probe=True,
-                               vmf_temperature=cfg.loss.teacher_temp if cfg.loss.vmf else None)
+                               vmf_temperature=cfg.usage_temperature)
     for key, value in kappa_statistics(teacher.head.prototype_norms().detach(), cfg.loss.teacher_temp).items():
         metrics[f"kappa_teacher_{key}"] = value
     return metrics
@@ -230,8 +229,8 @@ def pretrain(
     plan = plan_run(cfg, tracking_uri=uri)
     cfg = plan.cfg
     run_id = find_run(uri, cfg.tracking.experiment, plan.run_name)
-    check_resumable(plan)
-    if run_id is not None and RunLogger(uri, run_id).status() == "FINISHED" and not _extends(plan):
+    checkpoint = check_resumable(plan)
+    if run_id is not None and RunLogger(uri, run_id).status() == "FINISHED" and not _extends(plan, checkpoint):
         raise RunComplete(plan.run_name, run_id, uri)
     prepare_cluster(cfg, log)
     if run_id is None:

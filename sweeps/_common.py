@@ -104,6 +104,14 @@ def sweep_name(args: argparse.Namespace, base: Config, prefix: str) -> str:
     return found[0]
 
 
+def count_trials(space: dict[str, Any]) -> int:
+    """Trials of a grid space: the product of its value lists' lengths."""
+    trials = 1
+    for values in space.values():
+        trials *= len(values)
+    return trials
+
+
 def run_sweep_and_report(args: argparse.Namespace, name: str, base: Config, space: dict[str, Any],
                          arm_keys: list[str], asha: Any = None) -> int:
     """Run the sweep on Tune, print and save its per-arm report; exit status 1 if no trial finished."""

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 import yaml
-from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report, sweep_name
+from _common import add_common_arguments, base_config, count_trials, run_cli, run_sweep_and_report, sweep_name
 
 from raydino.config import ConfigError
 
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     space, arm_keys = recipe_space(args)
     base = base_config(args, BUDGET, experiment="demo_recipe")
     name = sweep_name(args, base, "demo-recipe")
-    trials = 1
-    for values in space.values():
-        trials *= len(values)
+    trials = count_trials(space)
     print(f"{trials} trials of {base.model.name} on {base.data.source}, {base.optim.epochs} epochs each; arms: "
           + ", ".join(f"{k} in {space[k]}" for k in arm_keys))
     if args.dry_run:

@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Any
 
-from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report, sweep_name
+from _common import add_common_arguments, base_config, count_trials, run_cli, run_sweep_and_report, sweep_name
 
 BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1"]}
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     space, arm_keys = temperature_space(args)
     base = base_config(args, BUDGET, experiment="temperature_sweep")
     name = sweep_name(args, base, "temperature-sweep")
-    trials = 1
-    for values in space.values():
-        trials *= len(values)
+    trials = count_trials(space)
     print(f"{trials} trials of {base.model.name} on {base.data.source}, {base.optim.epochs} epochs, "
           f"ASHA {'off' if args.no_asha else f'on kNN top-1 (grace {args.grace_period}, factor {args.reduction_factor})'}")
     if args.dry_run:

@@ -144,11 +144,11 @@ def _start_or_join(cfg: Config, extra_cpus: float) -> None:
     if _join_cluster():
         quiet_ray_data()
         return
-    gpus = needed_resources(cfg)["GPU"]
-    if gpus > _local_gpus():
+    gpus, local = needed_resources(cfg)["GPU"], _local_gpus()
+    if gpus > local:
         raise PretrainError(
             f"scaling.use_gpu=true asks for {gpus:g} GPU(s) ({cfg.scaling.num_workers} workers), but this machine has "
-            f"{_local_gpus()} and no Ray cluster is running here to add them; set scaling.use_gpu=false to train on "
+            f"{local} and no Ray cluster is running here to add them; set scaling.use_gpu=false to train on "
             "CPU, or start the run on a GPU cluster (`ray up cluster.yaml`, then RAY_ADDRESS or `ray job submit`)"
         )
     num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + extra_cpus))

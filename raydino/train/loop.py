@@ -239,7 +239,7 @@ class _Worker:
         if self.evaluating and (self.epoch + 1) % self.cfg.eval.every_epochs == 0:
             self.latest_eval = evaluate_network(
                 self.step_fn.teacher, self.plan.eval_data, self.device, self.cfg.eval.knn_k, self.cfg.eval.knn_temperature,
-                vmf_temperature=self.cfg.loss.teacher_temp if self.cfg.loss.vmf else None,
+                vmf_temperature=self.cfg.usage_temperature,
             )
             epoch_metrics.update(self.latest_eval)
         if self.collapse is not None:
