@@ -143,6 +143,11 @@ class CropsConfig(_Section):
     blur_sigma_per_224px: bool = Field(
         False, description="scale blur_sigma by crop size / 224 (for tiny images); DINO blurs every crop by 0.1-2 px"
     )
+    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="horizontal flip probability (DINO: 0.5)")
+    color_jitter_p: float = Field(
+        0.8, ge=0.0, le=1.0, description="probability of DINO's colour jitter (brightness, contrast 0.4; saturation 0.2; hue 0.1)"
+    )
+    solarize_p: float = Field(0.2, ge=0.0, le=1.0, description="solarize probability of the second global crop (DINO: 0.2)")
 
     @model_validator(mode="after")
     def _scales(self) -> CropsConfig:

@@ -23,6 +23,7 @@ from raydino.data.eval_data import load_eval_data
 from raydino.eval.attention import has_cls_attention, plot_attention_grid
 from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network, evaluate_with_usage
+from raydino.eval.knn import raw_pixel_knn_top1
 from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
 from raydino.eval.prototypes import kappa_statistics
 from raydino.export import export_backbone, load_teacher, timm_kwargs
@@ -105,6 +106,10 @@ def final_evaluation(
         torch.manual_seed(cfg.seed)
         _, random_teacher = build_models(cfg)
         random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
+        metrics["raw_pixels_knn_top1"] = raw_pixel_knn_top1(
+            eval_data.train_images, eval_data.train_labels, eval_data.test_images, eval_data.test_labels,
+            eval_data.num_classes, 20, cfg.eval.knn_temperature,
+        )
         plot_prototype_usage(usage.numpy(), plots_dir / "prototype_usage.png")
         arrays["usage"] = usage.numpy()
         if has_cls_attention(teacher.backbone):  # DINO's picture: [CLS] attention on a few test images
@@ -303,8 +308,16 @@ def summary_lines(summary: PretrainSummary) -> list[str]:
     if "knn_top1" in final.metrics:
         lines.append(
             f"kNN top-1 (k=20): pretrained teacher {final.metrics['knn_top1']:.1f}%  vs  random initialisation "
-            f"{final.random_init.get('knn_top1', float('nan')):.1f}%   (linear probe {final.metrics.get('linear_probe_top1', float('nan')):.1f}%, "
+            f"{final.random_init.get('knn_top1', float('nan')):.1f}%  vs  raw pixels "
+            f"{final.metrics.get('raw_pixels_knn_top1', float('nan')):.1f}%   (linear probe "
+            f"{final.metrics.get('linear_probe_top1', float('nan')):.1f}%, "
             f"prototypes in use {final.metrics.get('prototypes_in_use', float('nan')):.0f})"
+        )
+    if "epoch_teacher_entropy_share" in result.metrics:
+        share, mean_share = (result.metrics[f"epoch_{k}_share"] for k in ("teacher_entropy", "mean_target_entropy"))
+        lines.append(
+            f"teacher targets over the last epoch: entropy {share:.2f} log K, batch-mean target {mean_share:.2f} "
+            f"log K ({mean_share - share:+.2f} log K: what the targets say about the sample; 0 at either collapse)"
         )
     if "kappa_student_q05" in final.metrics:
         lines.append(prototype_norm_line(final.metrics))

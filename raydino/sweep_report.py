@@ -57,7 +57,8 @@ def with_arm_columns(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFram
 def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     """One row per arm: trials by status, then over the FINISHED seeds: kNN top-1 mean and std, the
     random network's kNN (the floor a collapsed run sits at), linear probe, prototypes in use, teacher kappa median and 90% range (q05-q95, averaged
-    over seeds), final teacher entropy, and how many seeds collapsed."""
+    over seeds), final teacher entropy (nats, and with the batch-mean target's as shares of log K: the
+    last epoch's means), and how many seeds collapsed."""
     runs = with_arm_columns(runs, arm_keys)
     keys = list(arm_keys)
     if not keys:  # no arm keys (a seed-only sweep): one row for everything
@@ -70,8 +71,12 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
     runs["kappa_q50"] = metric_column(runs, "final_kappa_teacher_q50")
     runs["kappa_q05"] = metric_column(runs, "final_kappa_teacher_q05")
     runs["kappa_q95"] = metric_column(runs, "final_kappa_teacher_q95")
-    runs["entropy"] = metric_column(runs, "teacher_entropy")
-    runs["mean_target_entropy"] = metric_column(runs, "mean_target_entropy")
+    # the last epoch's means where the run logged them (raydino.eval.collapse), else the last step's values
+    runs["entropy"] = metric_column(runs, "epoch_teacher_entropy").fillna(metric_column(runs, "teacher_entropy"))
+    runs["mean_target_entropy"] = metric_column(runs, "epoch_mean_target_entropy").fillna(
+        metric_column(runs, "mean_target_entropy"))
+    runs["entropy_share"] = metric_column(runs, "epoch_teacher_entropy_share")
+    runs["mean_target_share"] = metric_column(runs, "epoch_mean_target_entropy_share")
     runs["collapsed"] = [
         is_collapsed(h, hm, k) for h, hm, k in zip(runs["entropy"], runs["mean_target_entropy"], runs["prototypes"])
     ]
@@ -94,6 +99,8 @@ def arm_table(runs: pd.DataFrame, arm_keys: Sequence[str]) -> pd.DataFrame:
             kappa_q05=done["kappa_q05"].mean(),
             kappa_q95=done["kappa_q95"].mean(),
             teacher_entropy=done["entropy"].mean(),
+            teacher_entropy_share=done["entropy_share"].mean(),
+            mean_target_share=done["mean_target_share"].mean(),
             collapsed=f"{int(done['collapsed'].sum())}/{len(done)}",
         )
         rows.append(row)
@@ -104,7 +111,7 @@ def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
     arm_keys = list(arm_keys) or ["arm"]
     header = [*arm_keys, "seeds", "kNN top-1", "random init", "linear probe", "prototypes in use",
               "kappa median [90% range]",
-              "teacher entropy", "collapsed"]
+              "teacher entropy", "H / log K", "H(mean) / log K", "collapsed"]
     rows = []
     for _, r in table.iterrows():
         seeds = f"{r['finished']}/{r['trials']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
@@ -118,6 +125,8 @@ def to_markdown(table: pd.DataFrame, arm_keys: Sequence[str]) -> str:
             format_cell(r["prototypes_in_use"], ".0f"),
             f"{format_cell(r['kappa_median'])} [{format_cell(r['kappa_q05'])}, {format_cell(r['kappa_q95'])}]",
             format_cell(r["teacher_entropy"], ".2f"),
+            format_cell(r["teacher_entropy_share"], ".2f"),
+            format_cell(r["mean_target_share"], ".2f"),
             str(r["collapsed"]),
         ])
     return markdown_table(header, rows)

@@ -438,13 +438,23 @@ def log_backbone_model(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1], -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
     )
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    # Without an active run, MLflow files a logged model under the process's active experiment (the Default
+    # one, id 0), not under its source run's: name the run's experiment through MLflow's own variable for
+    # the call, so the experiment's Models page and the runs table's Models column show it
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    saved_env = {key: os.environ.get(key) for key in keys}
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
         with _use_tracking_uri(uri):
             info = _log_pytorch_model(backbone, name, run_id, signature, example, registered_name, metadata, step)
     finally:  # leaving it, MLflow unsets MLFLOW_TRACKING_URI: put back what the process had
-        if saved_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     version = str(info.registered_model_version) if info.registered_model_version is not None else None
     return LoggedBackbone(info.model_uri, registered_name, version)
 

@@ -39,6 +39,8 @@ def _per_image(mc: MultiCrop, images: list[torch.Tensor], seeds: list[int]) -> l
         (CropsConfig(global_size=16, local_size=8, local_number=4, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4)), True),
         (CropsConfig(global_size=24, local_size=12, local_number=3), False),
         (CropsConfig(global_size=64, local_size=20, local_number=2), False),  # blur kernels 5 and 3
+        # steps switched off are left out of the views, batched and per image alike
+        (CropsConfig(global_size=16, local_size=8, local_number=2, flip_p=0, color_jitter_p=0, solarize_p=0), True),
     ],
 )
 def test_crop_batch_equals_torchvision_per_image(crops: CropsConfig, gray: bool) -> None:
@@ -106,3 +108,23 @@ def test_per_sample_blur_equals_torchvision() -> None:
     want = torch.stack([F.gaussian_blur(image, [5, 5], s) for image, s in zip(batch, sigmas)])
     assert torch.equal(got, want)
     assert not torch.equal(got[3], batch[3])
+
+
+def test_augmentations_switched_off_are_not_applied() -> None:
+    """flip_p, color_jitter_p and solarize_p at 0: the views hold no flip, jitter or solarize step, and a
+    crop of the whole image without blur's effect on a flat image is the image itself."""
+    crops = CropsConfig(global_size=16, local_size=8, local_number=1, global_scale=(1.0, 1.0), flip_p=0,
+                        color_jitter_p=0, solarize_p=0)
+    mc = MultiCrop(crops)
+    kinds = {type(t).__name__ for view in [*mc.global_views, mc.local_view] for t in view.transforms}
+    assert not kinds & {"RandomHorizontalFlip", "RandomSolarize"} and "RandomApply" in kinds  # blur's coin
+    inner = {type(t.transforms[0]).__name__ for view in mc.global_views for t in view.transforms
+             if type(t).__name__ == "RandomApply"}
+    assert inner == {"GaussianBlur"}
+    default = MultiCrop(CropsConfig(global_size=16, local_size=8, local_number=1))
+    assert {"RandomHorizontalFlip", "RandomSolarize"} <= {
+        type(t).__name__ for view in default.global_views for t in view.transforms}
+    asymmetric = torch.zeros((1, 16, 16), dtype=torch.uint8)
+    asymmetric[:, :, :4] = 255  # a bright left edge: a flip would move it to the right
+    views = mc.crop_batch([asymmetric] * 8, list(range(8)))
+    assert (views[0][:, :, :, :4].float().mean() > 200) and (views[0][:, :, :, -4:].float().mean() < 50)

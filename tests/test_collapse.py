@@ -33,6 +33,18 @@ def test_uniform_targets_over_an_epoch_are_collapse_after_the_grace_epoch():
     assert watch.end_epoch(3) is None
 
 
+def test_the_epoch_means_are_kept_as_metrics_in_nats_and_shares_of_log_k():
+    watch = CollapseWatch(64)
+    for h, hm in ((1.0, 3.0), (2.0, 4.0)):
+        watch.record(h, hm)
+    watch.end_epoch(0)
+    assert watch.epoch_means == pytest.approx({
+        "epoch_teacher_entropy": 1.5, "epoch_mean_target_entropy": 3.5,
+        "epoch_teacher_entropy_share": 1.5 / LOG_K, "epoch_mean_target_entropy_share": 3.5 / LOG_K})
+    watch.end_epoch(1)  # nothing recorded: no means
+    assert watch.epoch_means == {}
+
+
 def test_one_prototype_for_everyone_and_a_handful_in_use_are_collapse():
     watch = CollapseWatch(64, grace_epochs=0)
     assert "one prototype took every sample" in _epoch(watch, 0, 0.01, 0.02)

@@ -58,6 +58,14 @@ def test_logged_backbone_loads_back_and_embeds_like_the_teacher(tmp_path: Path, 
     logged = log_teacher_model(store, run_id, checkpoint, step=5, log=lines.append)
     assert logged is not None, lines
     assert logged.version is None and "logged as MLflow model" in lines[-1]
+    # filed under its run's experiment (not the Default one): the experiment's Models page and the runs
+    # table's Models column show it
+    client = MlflowClient(store)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    assert experiment_id != "0"
+    model_info = client.get_logged_model(mlflow.models.get_model_info(logged.model_uri).model_id)
+    assert (model_info.experiment_id, model_info.source_run_id) == (experiment_id, run_id)
+    assert [m.model_id for m in client.search_logged_models(experiment_ids=["0"])] == []
 
     teacher, _, _ = load_teacher(checkpoint)
     images = _digits_like(3)

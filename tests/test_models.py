@@ -104,6 +104,14 @@ def test_unknown_backbone_is_named():
         create_backbone("not_a_model", 32)
 
 
+def test_a_convolutional_timm_model_is_built_without_the_vit_arguments():
+    """Any timm model by name: a CNN takes every crop size as it is (no img_size / dynamic_img_size)."""
+    backbone = create_backbone("resnet10t", 16)
+    net = MultiCropNetwork(backbone, DINOHead(backbone.num_features, **HEAD))
+    out = net([torch.randn(2, 3, 16, 16)] * 2 + [torch.randn(2, 3, 8, 8)] * 2)
+    assert [s.shape for s in out.scores] == [(2, 64)] * 4
+
+
 def test_multicrop_network_is_a_module_pair():
     backbone = create_backbone("vit_tiny_patch16_224", 32, **TINY)
     net = MultiCropNetwork(backbone, DINOHead(backbone.num_features, **HEAD))

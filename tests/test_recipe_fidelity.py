@@ -259,3 +259,17 @@ MAIN_DINO = {
 def test_the_defaults_are_main_dinos():
     flat = Config().flat()
     assert {k: flat[k] for k in MAIN_DINO} == MAIN_DINO
+
+
+def test_prototypes_keep_the_linear_layers_own_initialisation_as_dino():
+    """DINO's head applies its truncated-normal init before the last layer exists, so the prototype
+    directions v keep nn.Linear's uniform(-1/sqrt(p), 1/sqrt(p)) init (||v_k|| about 0.58, not 0.16 as
+    std 0.02 would give): Adam's steps of about lr per entry then turn them at DINO's pace."""
+    torch.manual_seed(0)
+    p = 64
+    head = DINOHead(in_dim=32, num_prototypes=4096, hidden_dim=32, bottleneck_dim=p, norm_last_layer=False)
+    v = head.last_layer.parametrizations.weight.original1.detach()
+    assert v.abs().max() <= 1 / math.sqrt(p) + 1e-7
+    assert v.std().item() == pytest.approx(1 / math.sqrt(3 * p), rel=0.02)  # uniform's std, not 0.02
+    assert head.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)  # the MLP keeps DINO's trunc_normal
+    assert torch.equal(head.prototype_norms(), torch.ones(4096))  # g starts at 1 either way

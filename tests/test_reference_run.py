@@ -23,7 +23,7 @@ TINY = [
     "head.num_prototypes=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "data.crops.local_number=2",
     f"data.batch_size_per_worker={BATCH}", "scaling.num_workers=1", f"optim.epochs={EPOCHS}",
     "optim.warmup_epochs=1", "optim.freeze_last_layer_epochs=1", "optim.base_lr=0.5", "optim.min_lr=1e-4",
-    "optim.momentum_teacher=0.9", "optim.clip_grad=0.3", "optim.clip_mode=per_param",
+    "optim.momentum_teacher=0.9", "optim.clip_grad=0.05", "optim.clip_mode=per_param",
     "loss.warmup_teacher_temp_epochs=0", "loss.teacher_temp=0.05", "loss.koleo_weight=0", "loss.vmf=false",
     "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
 ]

@@ -262,7 +262,8 @@ def _ablation_store(tmp_path: Path) -> tuple[str, str]:
                 logger.log_metrics({"final_knn_top1": knn, "final_linear_probe_top1": knn - 5, "teacher_entropy": h,
                                     "mean_target_entropy": hm, "final_kappa_teacher_q50": 10.0 + seed,
                                     "final_kappa_teacher_q05": 5.0, "final_kappa_teacher_q95": 20.0,
-                                    "final_prototypes_in_use": 7, "random_init_knn_top1": 40.0 + seed}, 1)
+                                    "final_prototypes_in_use": 7, "random_init_knn_top1": 40.0 + seed,
+                                    "epoch_teacher_entropy_share": h / 6.93, "epoch_mean_target_entropy_share": hm / 6.93}, 1)
                 arrays = tmp_path / "prototypes.npz"
                 np.savez(arrays, kappa_teacher=rng.gamma(2.0, 5.0, 64), usage=rng.dirichlet(np.ones(64)))
                 logger.log_artifact(arrays, "eval")
@@ -280,7 +281,7 @@ def test_arm_table_and_report_from_mlflow(tmp_path):
     assert (dino["finished"], dino["failed"], dino["collapsed"]) == (1, 1, "1/1")  # uniform targets: collapsed
     markdown = to_markdown(table, ["loss.vmf", "loss.centering"])
     assert vmf["knn_random_init"] == pytest.approx(40.5)  # the random network's kNN, beside the trained one
-    assert "| True | logit | 2/2 | 62.0 ± 2.8 | 40.5 | 57.0 | 7 | 10.5 [5.0, 20.0] | 1.00 | 0/2 |" in markdown
+    assert "| True | logit | 2/2 | 62.0 ± 2.8 | 40.5 | 57.0 | 7 | 10.5 [5.0, 20.0] | 1.00 | 0.14 | 0.72 | 0/2 |" in markdown
     assert "| False | logit | 1/2 (1 failed) | 50.0 ± - |" in markdown
 
     everything = arm_table(child_runs(uri, "abl", parent), [])  # no arm keys: one row

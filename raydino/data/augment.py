@@ -48,13 +48,17 @@ def _blur(size: int, p: float, crops: CropsConfig) -> v2.Transform:
 
 
 def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, crops: CropsConfig) -> v2.Transform:
+    """DINO's view: crop, flip, colour jitter, grayscale, blur (and solarize). A step whose probability is 0
+    is left out, so its coin is not drawn (the other steps' draws stay as DINO's)."""
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        _blur(size, blur_p, crops),
     ]
+    if crops.flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(p=crops.flip_p))
+    if crops.color_jitter_p > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                                    p=crops.color_jitter_p))
+    steps += [v2.RandomGrayscale(p=0.2), _blur(size, blur_p, crops)]
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     return v2.Compose(steps)
@@ -67,7 +71,7 @@ class MultiCrop:
         self.names = crop_names(crops.local_number)
         self.global_views = [
             _view(crops.global_size, crops.global_scale, blur_p=1.0, solarize_p=0.0, crops=crops),
-            _view(crops.global_size, crops.global_scale, blur_p=0.1, solarize_p=0.2, crops=crops),
+            _view(crops.global_size, crops.global_scale, blur_p=0.1, solarize_p=crops.solarize_p, crops=crops),
         ]
         self.local_view = _view(crops.local_size, crops.local_scale, blur_p=0.5, solarize_p=0.0, crops=crops)
         self.num_local = crops.local_number

@@ -34,6 +34,9 @@ class CollapseWatch:
     grace_epochs: int = 1
     _entropy: list[float] = field(default_factory=list)
     _mean_target: list[float] = field(default_factory=list)
+    epoch_means: dict[str, float] = field(default_factory=dict)
+    """The last judged epoch's means, as metrics: ``epoch_teacher_entropy`` and ``epoch_mean_target_entropy``
+    in nats, and each as a share of log K (``..._share``): what README's demo figures quote."""
 
     def record(self, teacher_entropy: float, mean_target_entropy: float) -> None:
         if math.isfinite(teacher_entropy) and math.isfinite(mean_target_entropy):
@@ -45,9 +48,13 @@ class CollapseWatch:
         entropy = sum(self._entropy) / len(self._entropy) if self._entropy else math.nan
         mean_target = sum(self._mean_target) / len(self._mean_target) if self._mean_target else math.nan
         self._entropy, self._mean_target = [], []
+        log_k = math.log(self.num_prototypes)
+        self.epoch_means = {} if math.isnan(entropy) else {
+            "epoch_teacher_entropy": entropy, "epoch_mean_target_entropy": mean_target,
+            "epoch_teacher_entropy_share": entropy / log_k, "epoch_mean_target_entropy_share": mean_target / log_k,
+        }
         if epoch < self.grace_epochs:
             return None
-        log_k = math.log(self.num_prototypes)
         if entropy >= self.uniform_share * log_k:
             return (
                 f"the teacher's targets were uniform over epoch {epoch + 1} (mean entropy {entropy:.3f} nats, "

@@ -38,9 +38,13 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int, use
 
 
 def _prototypes(bottleneck_dim: int, num_prototypes: int, norm_last_layer: bool) -> nn.Module:
-    """A weight-normalised linear layer without bias: w_k = g_k v_k / ||v_k||, g frozen at 1 or learned."""
+    """A weight-normalised linear layer without bias: w_k = g_k v_k / ||v_k||, g frozen at 1 or learned.
+
+    v keeps ``nn.Linear``'s own initialisation (uniform in +-1/sqrt(p), ||v_k|| about 0.58), as in DINO,
+    whose head applies its truncated-normal init before the last layer exists. Adam moves each entry of v
+    by about lr per step whatever its scale, so the prototypes turn by about lr sqrt(p) / ||v_k|| radians
+    per step: the 0.02-std init (||v_k|| about 0.16) turned them 3.6x faster than DINO's."""
     layer = weight_norm(nn.Linear(bottleneck_dim, num_prototypes, bias=False))
-    nn.init.trunc_normal_(layer.parametrizations.weight.original1, std=0.02)
     gain = layer.parametrizations.weight.original0
     with torch.no_grad():
         gain.fill_(1.0)

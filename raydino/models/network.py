@@ -17,20 +17,22 @@ from raydino.models.head import DINOHead
 def create_backbone(name: str, img_size: int, drop_path_rate: float = 0.0, **kwargs: Any) -> nn.Module:
     """A randomly initialised timm model returning pooled ([CLS]) features.
 
-    ``dynamic_img_size`` lets the same weights take global and local crops; extra
+    ``dynamic_img_size`` lets the same ViT weights take global and local crops; extra
     keyword arguments (patch_size, embed_dim, depth, num_heads ...) override the
-    timm architecture, which is how the tiny CPU models are made. Never downloads.
+    timm architecture, which is how the tiny CPU models are made. A convolutional model
+    (which takes any image size and has no such arguments) is built without the two
+    ViT arguments; iBOT and attention maps need a ViT. Never downloads.
     """
+    vit_args = {"img_size": img_size, "dynamic_img_size": True}
     try:
-        return timm.create_model(
-            name,
-            pretrained=False,
-            num_classes=0,
-            img_size=img_size,
-            dynamic_img_size=True,
-            drop_path_rate=drop_path_rate,
-            **kwargs,
-        )
+        try:
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **vit_args, **kwargs
+            )
+        except TypeError as exc:
+            if not any(f"'{arg}'" in str(exc) for arg in vit_args):
+                raise
+            return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
     except RuntimeError as exc:  # timm's "Unknown model"
         raise ValueError(f"model.name={name!r} is not a timm model ({exc}); see timm.list_models('vit*')") from exc
 

@@ -226,6 +226,7 @@ class _Worker:
         """Rank 0: metric ``collapsed`` (0/1) every epoch; the first collapsed epoch prints one warning
         and tags the run ``raydino.collapse`` with what was seen."""
         reason = self.collapse.end_epoch(self.epoch, epoch_metrics.get("prototypes_in_use"))
+        epoch_metrics.update(self.collapse.epoch_means)
         epoch_metrics["collapsed"] = float(reason is not None)
         if reason is None or self.collapse_warned:
             return
