@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check raydino sweeps tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the iteration tier: everything but the multi-minute Ray end-to-end and fault tests (marker "slow")
 test-fast: $(STAMP)
@@ -28,6 +28,6 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/vmf_overhead.py
 
-# cluster.yaml's node types on Ray's fake multi-node autoscaler, a sweep submitted as a job (README: Scale out)
+# cluster.yaml's node types on Ray's fake multi-node autoscaler, a sweep submitted as a job (docs/scale-out.md)
 rehearse: $(STAMP)
 	$(BIN)/python -m raydino.rehearsal cluster.yaml --workdir rehearsal

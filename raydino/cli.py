@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             "Pretrain a ViT with DINO, DINO-vMF, iBOT or iBOT-vMF. With no arguments, runs the cpu_demo preset on the "
             "embedded digits dataset and reports kNN top-1 against a random initialisation. "
             "Settings: --preset, then --config FILE, then key=value overrides such as loss.vmf=true. "
-            "Every key, its default and allowed values: README.md section 'Settings' and the field descriptions in "
+            "Every key, its default and allowed values: docs/usage.md section 'Settings' and the field descriptions in "
             "raydino/config.py; `raydino presets` lists the presets, --print-config shows the resolved config."
         ),
     )

@@ -1,5 +1,5 @@
 """Rehearse the cluster path on one machine before renting one: your cluster.yaml's node types under
-Ray's own autoscaler, a sweep submitted with ``ray job submit`` as README says, data at ImageNet's
+Ray's own autoscaler, a sweep submitted with ``ray job submit`` as docs/scale-out.md says, data at ImageNet's
 geometry, the ``imagenet_vit_small`` code path at tiny sizes.
 
 ``python -m raydino.rehearsal cluster.yaml`` (or ``make rehearse``):

@@ -22,7 +22,7 @@ from typing import Any
 
 from _common import add_common_arguments, base_config, count_trials, run_cli, run_sweep_and_report, sweep_name
 
-BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1"]}
+BUDGET = {"cpu_demo": ["optim.epochs=3", "scaling.num_workers=1", "eval.every_epochs=1"]}  # ASHA: kNN every epoch
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,14 +53,14 @@ def test_overrides_and_yaml(tmp_path):
         ("loss.centering=foo", "loss.centering: .*allowed: one of auto, logit, probability, sinkhorn, none$"),
         ("head.num_layers=x", "head.num_layers: .*valid integer"),
         ("data.crops.global_scale=[0.5,0.2]", r"data.crops.global_scale=\(0.5, 0.2\): need 0 < low <= high <= 1"),
-        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=30"),
+        ("optim.warmup_epochs=500", "optim.warmup_epochs=500.0 exceeds optim.epochs=64"),
         ("data.source=imagefolder", "data.source='imagefolder' needs data.path"),
         ("loss.vmf", "not of the form section.key=value"),
         ("loss.vmf.x=1", "'vmf' is a value, not a section"),
         ("data.batch_size_per_worker=-4", r"data.batch_size_per_worker: .*allowed: 1 <= value"),
         ("data.crops.local_size=-8", r"data.crops.local_size: .*allowed: 8 <= value <= 4096"),
         ("data.crops.local_number=100", r"data.crops.local_number: .*allowed: 0 <= value <= 64"),
-        ("data.crops.local_size=64", "local_size=64 exceeds data.crops.global_size=16"),
+        ("data.crops.global_size=4", r"data.crops.global_size: .*allowed: 8 <= value <= 4096"),
         ("data.source=webdataset", "data.source: .*allowed: one of digits, fashion_mnist, imagefolder, images"),
         ("optim.nonfinite_loss=ignore", "optim.nonfinite_loss: .*allowed: one of stop, skip"),
         ("checkpoint.max_failures=-2", r"checkpoint.max_failures: .*allowed: -1 <= value"),
@@ -70,6 +70,12 @@ def test_overrides_and_yaml(tmp_path):
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_local_crops_larger_than_the_global_ones_are_refused_only_when_there_are_local_crops():
+    with pytest.raises(ConfigError, match="local_size=64 exceeds data.crops.global_size=16"):
+        load_config(overrides=["data.crops.local_number=2", "data.crops.local_size=64"])
+    assert load_config(overrides=["data.crops.local_number=0", "data.crops.local_size=64"]).data.crops.local_number == 0
 
 
 def test_missing_file_and_bad_preset(tmp_path):
@@ -89,11 +95,11 @@ def test_a_directory_given_as_the_config_file_is_named_as_such(tmp_path):
 
 
 def test_a_short_run_cuts_the_presets_warmups_with_a_warning():
-    cfg = load_config(overrides=["optim.epochs=1"])  # cpu_demo warms the teacher temperature up over 2 epochs
-    assert cfg.optim.epochs == 1 and cfg.loss.warmup_teacher_temp_epochs == 1 and cfg.optim.warmup_epochs == 1
+    cfg = load_config(overrides=["optim.epochs=1"])  # cpu_demo warms the lr up over 2 epochs
+    assert cfg.optim.epochs == 1 and cfg.optim.warmup_epochs == 1 and cfg.optim.freeze_last_layer_epochs == 1
     assert cfg.warnings() == [(
-        "loss.warmup_teacher_temp_epochs=2 (preset cpu_demo) exceeds optim.epochs=1: cut to 1 for this run; "
-        "set loss.warmup_teacher_temp_epochs to choose another"
+        "optim.warmup_epochs=2 (preset cpu_demo) exceeds optim.epochs=1: cut to 1 for this run; "
+        "set optim.warmup_epochs to choose another"
     )]
     base = load_config(preset="imagenet_vit_base", overrides=["optim.epochs=2"])  # 10, 3 and 50 epochs there
     assert (base.optim.warmup_epochs, base.optim.freeze_last_layer_epochs, base.loss.warmup_teacher_temp_epochs) == (

@@ -87,11 +87,12 @@ def test_validate_space_names_the_bad_point():
     assert len(validate_space(SweepSpec("s", base, {"loss.vmf": [False, True], "seed": [0, 1, 2]}))) == 6
     with pytest.raises(ConfigError, match="seed have an empty list"):
         validate_space(SweepSpec("s", base, {"loss.vmf": [False, True], "seed": []}))
-    folder = with_overrides(base, {"data.source": "imagefolder", "data.path": "/data/train"})
+    folder = with_overrides(base, {"data.source": "imagefolder", "data.path": "/data/train", "eval.every_epochs": 1})
     with pytest.raises(ConfigError, match="eval.train_path"):  # ASHA without labelled evaluation data
         validate_space(SweepSpec("s", folder, {"seed": [0, 1]}, asha=Asha()))
     with pytest.raises(ConfigError, match="only after the last epoch"):
-        validate_space(SweepSpec("s", base, {"seed": [0, 1]}, asha=Asha(metric="final_knn_top1")))
+        validate_space(SweepSpec("s", with_overrides(base, {"eval.every_epochs": 1}), {"seed": [0, 1]},
+                                 asha=Asha(metric="final_knn_top1")))
 
 
 def test_relative_paths_are_resolved_for_trials_in_other_directories(tmp_path, monkeypatch):
