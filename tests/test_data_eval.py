@@ -68,3 +68,28 @@ def test_raw_pixel_knn_is_nearest_neighbour_on_flattened_pixels():
     sk = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(flat(train.images), train.labels)
     assert ours == pytest.approx(100 * (sk.predict(flat(test.images)) == test.labels).mean(), abs=1e-4)  # float32 mean
     assert raw_pixel_knn_top1(train.images, train.labels, test.images, test.labels, 10) > 90
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_the_idx_files_and_resamples_to_the_crop_size(tmp_path):
+    """The Debian package's idx files (written here in the same format): 28 px as stored, or resampled
+    to the global crop size, as the digits are, so evaluation sees the training crops' resolution."""
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[0, :, :14] = 255  # left half bright
+    images[1] = 128
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4]))
+    full = load_fashion_mnist("test", root=tmp_path)
+    assert full.images.shape == (3, 1, 28, 28) and full.labels.tolist() == [3, 1, 4]
+    np.testing.assert_array_equal(full.images[:, 0], images)
+    small = load_fashion_mnist("test", root=tmp_path, size=16)
+    assert small.images.shape == (3, 1, 16, 16) and small.images.dtype == np.uint8
+    assert (small.images[0, 0, :, :7] == 255).all() and (small.images[0, 0, :, 9:] == 0).all()
+    assert (small.images[1] == 128).all() and small.classes[3] == "Dress"

@@ -6,6 +6,11 @@ TINY_NET = [
     "head.hidden_dim=64",
     "head.bottleneck_dim=16",
     "data.crops.local_number=2",
+    # the end-to-end runs' layout (the cpu_demo of 2026-12-03): 2 workers x 64 images, 10 steps per
+    # epoch on the digits, a kNN every epoch (ASHA's rungs); the demo itself trains 1 worker x 32
+    "data.batch_size_per_worker=64",
+    "scaling.num_workers=2",
+    "eval.every_epochs=1",
 ]
 NO_WARMUP = [
     "optim.warmup_epochs=0",

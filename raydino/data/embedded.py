@@ -71,8 +71,9 @@ FASHION_CLASSES = (
 )
 
 
-def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> ArrayDataset:
-    """Fashion-MNIST's official 60k/10k split from the Debian package's idx files."""
+def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR, size: int | None = None) -> ArrayDataset:
+    """Fashion-MNIST's official 60k/10k split from the Debian package's idx files; 28 px, or resampled to
+    ``size`` px (antialiased) so that evaluation sees the training crops' resolution."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -86,13 +87,20 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> 
             )
     images = _read_idx(images_path)[:, None]
     labels = _read_idx(labels_path).astype(np.int64)
+    if size is not None and size != images.shape[-1]:
+        import torch
+        from torch.nn import functional as F
+
+        resized = F.interpolate(torch.from_numpy(images).float(), size=(size, size), mode="bilinear",
+                                antialias=True, align_corners=False)
+        images = resized.clamp(0, 255).round().to(torch.uint8).numpy()
     return ArrayDataset(np.ascontiguousarray(images), labels, FASHION_CLASSES)
 
 
 # source name (raydino.registry.DATA_SOURCES, embedded ones) -> loader(split, size, seed)
 _LOADERS: dict[str, Callable[[str, int, int], ArrayDataset]] = {
     "digits": lambda split, size, seed: load_digits(split, size=size, seed=seed),
-    "fashion_mnist": lambda split, _size, _seed: load_fashion_mnist(split),
+    "fashion_mnist": lambda split, size, _seed: load_fashion_mnist(split, size=size),
 }
 require_all({k: v for k, v in DATA_SOURCES.items() if v.embedded}, _LOADERS, "embedded data sources")
 
