@@ -35,7 +35,10 @@ from raydino.models import normalize_crops
 from raydino.step import DINOStep, build_models
 
 
-def screen(name: str, overrides: list[str], threads: int = 1, preset: str | None = None) -> dict[str, object]:
+def screen(
+    name: str, overrides: list[str], threads: int = 1, preset: str | None = None, keep: dict | None = None
+) -> dict[str, object]:
+    """One screen's figures; ``keep`` (a dict) receives the trained ``step`` and the ``test`` images."""
     torch.set_num_threads(threads)
     cfg = load_config(overrides=overrides, preset=preset)
     torch.manual_seed(cfg.seed)
@@ -66,6 +69,8 @@ def screen(name: str, overrides: list[str], threads: int = 1, preset: str | None
                 print(f"{name}: step {step}/{total} teacher entropy {metrics['teacher_entropy'] / log_k:.3f} log K, "
                       f"batch-mean {metrics['mean_target_entropy'] / log_k:.3f} log K", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
+    if keep is not None:
+        keep.update(step=step_fn, test=test, cfg=cfg)
     final = evaluate_network(step_fn.teacher, data, ks=(20,), vmf_temperature=cfg.usage_temperature)
     kappa = step_fn.student_module.head.prototype_norms().detach() / cfg.loss.student_temp
     tenth = max(1, total // 10)
