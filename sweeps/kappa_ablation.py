@@ -9,7 +9,7 @@ in use, teacher kappa median and 90% range, final teacher entropy, collapse flag
 writes the table and plots to disk and onto the MLflow parent run.
 
 The default budget runs on one 2-core machine in under 20 minutes (8 trials, one at a time): the
-demo's recipe (a 4-block ViT at 16 px, DINO-vMF's views and teacher, batch 32) for 20 epochs on the
+demo's recipe (a 4-block ViT at 16 px, DINO-vMF's views and teacher, batch 32) for 16 epochs on the
 1,347 training images of scikit-learn's 8x8 digits, one seed (``--seeds 2`` for a spread). At that
 scale it shows which arms learn and how far the prototype norms spread (README has the table); the
 paper's ViT-B/ImageNet result needs a cluster:
@@ -32,8 +32,8 @@ from raydino.registry import CENTERING_MODES
 PROTOTYPES = {"normalised": True, "unnormalised": False}
 ARM_KEYS = ["loss.vmf", "head.norm_last_layer", "loss.centering"]
 BUDGET = {  # per preset: what fits the default machine; the user's --epochs / overrides win
-    # the demo's recipe for 20 of its 64 epochs (840 steps): 8 arms, one seed, one trial at a time
-    "cpu_demo": ["optim.epochs=20"],
+    # the demo's recipe for 16 of its 64 epochs (672 steps): 8 arms, one seed, one trial at a time
+    "cpu_demo": ["optim.epochs=16"],
 }
 
 

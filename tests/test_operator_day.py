@@ -50,7 +50,7 @@ def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout:
 def test_gpu_config_without_a_gpu_fails_at_once_and_creates_no_run(ray_session, tmp_path):
     """Before: Ray retried the worker start every 60 s forever, Ctrl-C was ignored, the MLflow run stayed
     RUNNING. The test session's Ray runs on this machine: a run does not join it (it is another run's)."""
-    code, out, seconds = _cli(tmp_path, "scaling.use_gpu=true", "optim.epochs=2")
+    code, out, seconds = _cli(tmp_path, "scaling.use_gpu=true", "scaling.num_workers=2", "optim.epochs=2")
     assert code == 1, out
     assert "scaling.use_gpu=true asks for 2 GPU(s)" in out and "scaling.use_gpu=false" in out
     assert "Traceback" not in out and seconds < 120
