@@ -77,7 +77,8 @@ def screen(
     per_tenth = [round(float(np.mean(entropies[i : i + tenth])) / log_k, 3) for i in range(0, total, tenth)]
     return {
         "name": name, "steps": total, "knn": round(final["knn_top1"], 1), "knn_random_init": round(random_knn, 1),
-        "knn_raw_pixels": round(raw_pixel_knn_top1(train.images, train.labels, test.images, test.labels, 10), 1), "in_use": final["prototypes_in_use"],
+        "knn_raw_pixels": round(raw_pixel_knn_top1(data), 1),
+        "in_use": final["prototypes_in_use"],
         "entropy_over_log_k": per_tenth,
         "final_entropy_over_log_k": round(float(np.mean(entropies[-tenth:])) / log_k, 3),
         "final_mean_target_over_log_k": round(float(np.mean(mean_targets[-tenth:])) / log_k, 3),

@@ -106,10 +106,7 @@ def final_evaluation(
         torch.manual_seed(cfg.seed)
         _, random_teacher = build_models(cfg)
         random_init = evaluate_network(random_teacher, eval_data, "cpu", cfg.eval.knn_k, cfg.eval.knn_temperature)
-        metrics["raw_pixels_knn_top1"] = raw_pixel_knn_top1(
-            eval_data.train_images, eval_data.train_labels, eval_data.test_images, eval_data.test_labels,
-            eval_data.num_classes, 20, cfg.eval.knn_temperature,
-        )
+        metrics["raw_pixels_knn_top1"] = raw_pixel_knn_top1(eval_data, 20, cfg.eval.knn_temperature)
         plot_prototype_usage(usage.numpy(), plots_dir / "prototype_usage.png")
         arrays["usage"] = usage.numpy()
         if has_cls_attention(teacher.backbone):  # DINO's picture: [CLS] attention on a few test images

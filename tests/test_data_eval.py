@@ -5,6 +5,7 @@ import torch
 from raydino.config import CropsConfig
 from raydino.data.augment import MultiCrop, crop_names
 from raydino.data.embedded import load_digits, load_fashion_mnist
+from raydino.eval.data import EvalData
 from raydino.eval.knn import knn_predict, knn_top1, raw_pixel_knn_top1
 
 
@@ -63,11 +64,12 @@ def test_raw_pixel_knn_is_nearest_neighbour_on_flattened_pixels():
     from sklearn.neighbors import KNeighborsClassifier
 
     train, test = load_digits("train", size=16), load_digits("test", size=16)
-    ours = raw_pixel_knn_top1(train.images, train.labels, test.images, test.labels, 10, k=1)
+    data = EvalData(train.images, train.labels, test.images, test.labels, 10)
+    ours = raw_pixel_knn_top1(data, k=1)
     flat = lambda a: a.reshape(len(a), -1).astype(np.float64)
     sk = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(flat(train.images), train.labels)
     assert ours == pytest.approx(100 * (sk.predict(flat(test.images)) == test.labels).mean(), abs=1e-4)  # float32 mean
-    assert raw_pixel_knn_top1(train.images, train.labels, test.images, test.labels, 10) > 90
+    assert raw_pixel_knn_top1(data) > 90
 
 
 def _write_idx(path, array: np.ndarray) -> None:

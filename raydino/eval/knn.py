@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from raydino.eval.data import EvalData
+
 
 @torch.no_grad()
 def knn_predict(
@@ -47,19 +49,11 @@ def knn_top1(
     return 100.0 * (scores.argmax(dim=1) == test_labels).float().mean().item()
 
 
-def raw_pixel_knn_top1(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-) -> float:
+def raw_pixel_knn_top1(data: EvalData, k: int = 20, temperature: float = 0.07) -> float:
     """The same kNN on the raw pixels (each image flattened): the honest baseline for a learned feature,
     which on small, centred images such as the digits beats any network at random initialisation."""
     def flat(images: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1)).float()
 
-    return knn_top1(flat(train_images), torch.from_numpy(train_labels), flat(test_images),
-                    torch.from_numpy(test_labels), num_classes, k, temperature)
+    return knn_top1(flat(data.train_images), torch.from_numpy(data.train_labels), flat(data.test_images),
+                    torch.from_numpy(data.test_labels), data.num_classes, k, temperature)
