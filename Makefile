@@ -30,4 +30,4 @@ bench: $(STAMP)
 
 # cluster.yaml's node types on Ray's fake multi-node autoscaler, a sweep submitted as a job (docs/scale-out.md)
 rehearse: $(STAMP)
-	$(BIN)/python -m raydino.rehearsal cluster.yaml --workdir rehearsal
+	$(BIN)/python -m raydino.commands.rehearsal cluster.yaml --workdir rehearsal

@@ -2,7 +2,7 @@
 
 Run as ``python benchmarks/multicrop.py --geometry imagenet`` (or this file). The files are JPEGs
 of ImageNet's typical size (333-427 x 440-560 px) cut from real photos
-(``raydino.rehearsal.imagenet_geometry_jpegs``); the crops are the ``imagenet_vit_small``
+(``raydino.commands.rehearsal.imagenet_geometry_jpegs``); the crops are the ``imagenet_vit_small``
 preset's (DINO's augmentations). Three pipelines, each with ``--workers`` worker processes, over
 the same files, timed after their first epoch (start-up excluded):
 
@@ -37,11 +37,11 @@ import ray.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from raydino.commands.rehearsal import imagenet_geometry_jpegs
 from raydino.config import load_config
 from raydino.data.augment import MultiCrop
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import decode_image, imagefolder_dataset
-from raydino.rehearsal import imagenet_geometry_jpegs
 
 
 def dino_augmentation(local_number: int):

@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
+from raydino.commands.local_run import _load
 from raydino.config import load_config
 from raydino.data.augment import MultiCrop
 from raydino.data.pipeline import row_seed
 from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network
 from raydino.eval.knn import raw_pixel_knn_top1
-from raydino.local_run import _load
 from raydino.models import normalize_crops
 from raydino.step import DINOStep, build_models
 

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
             "embedded digits dataset and reports kNN top-1 against a random initialisation. "
             "Settings: --preset, then --config FILE, then key=value overrides such as loss.vmf=true. "
             "Every key, its default and allowed values: docs/usage.md section 'Settings' and the field descriptions in "
-            "raydino/config.py; `raydino presets` lists the presets, --print-config shows the resolved config."
+            "raydino/config/schema.py; `raydino presets` lists the presets, --print-config shows the resolved config."
         ),
     )
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from raydino.compare import compare_runs, to_csv, to_markdown, write_plots
+    from raydino.commands.compare import compare_runs, to_csv, to_markdown, write_plots
     from raydino.tracking import check_tracking, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -124,7 +124,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _presets() -> int:
-    from raydino.presets import DEFAULT_PRESET, DESCRIPTIONS
+    from raydino.config.presets import DEFAULT_PRESET, DESCRIPTIONS
 
     width = max(map(len, PRESETS))
     for name in PRESETS:
@@ -143,7 +143,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from raydino.attention_maps import write_attention
+    from raydino.commands.attention_maps import write_attention
 
     for folder in write_attention(args.model, args.images, args.out, args.threshold, args.size):
         print(f"wrote {folder}")
@@ -151,7 +151,7 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from raydino.export import export_backbone, load_checkpoint_config, timm_kwargs
+    from raydino.train.export import export_backbone, load_checkpoint_config, timm_kwargs
 
     out = export_backbone(args.checkpoint, args.out)
     cfg = load_checkpoint_config(args.checkpoint)
@@ -193,7 +193,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         summary = pretrain(cfg)
         print("\n".join(summary_lines(summary)))
         return 0
-    from raydino.local_run import pretrain_local
+    from raydino.commands.local_run import pretrain_local
 
     result = pretrain_local(cfg, max_steps=args.max_steps)
     print(

@@ -26,10 +26,9 @@ from raydino.eval.evaluate import evaluate_network, evaluate_with_usage
 from raydino.eval.knn import raw_pixel_knn_top1
 from raydino.eval.plots import plot_kappa_histogram, plot_loss_curve, plot_prototype_usage
 from raydino.eval.prototypes import kappa_statistics
-from raydino.export import export_backbone, load_teacher, timm_kwargs
+from raydino.launch.plan import RunPlan, check_resumable, latest_checkpoint_config, plan_run
 from raydino.models.param_groups import LAST_LAYER_PREFIX, PROTOTYPE_GAIN_SUFFIX
 from raydino.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from raydino.plan import RunPlan, check_resumable, latest_checkpoint_config, plan_run
 from raydino.step import build_models
 from raydino.tracking import (
     PROTOTYPE_ARRAYS,
@@ -46,6 +45,7 @@ from raydino.tracking import (
     ui_command,
 )
 from raydino.train.driver import TrainResult, prepare_cluster, run_pretraining
+from raydino.train.export import export_backbone, load_teacher, timm_kwargs
 
 
 def _extends(plan: RunPlan, checkpoint: tuple[str, Config] | None) -> bool:
@@ -225,7 +225,7 @@ def pretrain(
     ``tracking.run_name`` continues the same MLflow run and the same Ray Train run.
 
     The tracking store, the data path and the checkpoint storage are resolved and checked
-    here, once, before Ray starts (``raydino.plan``)."""
+    here, once, before Ray starts (``raydino.launch.plan``)."""
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)
     plan = plan_run(cfg, tracking_uri=uri)

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from raydino.config import Config
+from raydino.config.schedules import ScheduleValues
 from raydino.models import MultiCropNetwork, build_student_teacher, ema_update, param_groups
 from raydino.models.grad_clip import clip_gradients
 from raydino.models.masking import sample_masks
 from raydino.models.param_groups import is_last_layer
 from raydino.objectives import Objective, ObjectiveOutput, Temperatures, build_objective
 from raydino.objectives.distributed import global_mean
-from raydino.schedules import ScheduleValues
 
 
 class CheckpointMismatchError(ValueError):

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:  # run as `python sweeps/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
 from raydino.config import PRESETS, Config, ConfigError, load_config
-from raydino.registry import DATA_SOURCES
+from raydino.config.registry import DATA_SOURCES
 
 if TYPE_CHECKING:
     from raydino.sweep import SweepResult
@@ -94,7 +94,7 @@ def sweep_name(args: argparse.Namespace, base: Config, prefix: str) -> str:
         raise ConfigError(f"--resume {args.resume} and --name {args.name} name different sweeps; give one")
     if args.resume or args.name:
         return args.resume or args.name
-    from raydino.storage import resolve_storage
+    from raydino.stores.run_storage import resolve_storage
     from raydino.sweep import resumable_sweeps
     from raydino.tracking import resolve_tracking_uri
 
@@ -141,7 +141,7 @@ def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.Pat
     A failing report must not hide the trials' outcomes: it is logged, tagged on the parent
     run (``raydino.report_error``), and the outcomes are printed all the same.
     """
-    from raydino.sweep_report import write_report
+    from raydino.sweep.report import write_report
     from raydino.tracking import RunLogger, experiment_url
 
     parent = RunLogger(result.tracking_uri, result.parent_run_id)
@@ -172,8 +172,8 @@ def report_sweep(result: SweepResult, arm_keys: list[str], out_dir: str | os.Pat
 def run_cli(main: Any) -> int:
     """Run a script's ``main`` and turn the errors a user can fix (config, data path, tracking
     store, checkpoint storage) into one line instead of a traceback."""
-    from raydino.objectstore import ObjectStoreError
-    from raydino.storage import StorageError
+    from raydino.stores.objectstore import ObjectStoreError
+    from raydino.stores.run_storage import StorageError
     from raydino.tracking import TrackingError
 
     try:

@@ -27,7 +27,7 @@ from typing import Any
 from _common import add_common_arguments, base_config, run_cli, run_sweep_and_report, sweep_name
 
 from raydino.config import METHODS, Config, ConfigError, parse_method, with_overrides
-from raydino.registry import CENTERING_MODES
+from raydino.config.registry import CENTERING_MODES
 
 PROTOTYPES = {"normalised": True, "unnormalised": False}
 ARM_KEYS = ["loss.vmf", "head.norm_last_layer", "loss.centering"]

@@ -1,4 +1,4 @@
-"""An image folder the tests train on: small, with a corrupt file (ImageNet's geometry: raydino.rehearsal)."""
+"""An image folder the tests train on: small, with a corrupt file (ImageNet's geometry: raydino.commands.rehearsal)."""
 
 from __future__ import annotations
 

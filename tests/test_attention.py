@@ -15,11 +15,11 @@ from raydino.data.augment import MultiCrop
 from raydino.data.embedded import load_embedded
 from raydino.eval.attention import cls_attention_maps, last_block_attention, mass_masks, plot_attention_grid
 from raydino.eval.data import EvalData
-from raydino.export import export_backbone, load_teacher
 from raydino.models import create_backbone, normalize_crops
 from raydino.pretrain import final_evaluation
 from raydino.step import DINOStep
 from raydino.train.checkpoint import TrainState, rng_state, write_checkpoint
+from raydino.train.export import export_backbone, load_teacher
 
 HEADS = 3  # the cpu_demo ViT
 

@@ -71,7 +71,7 @@ def test_help_says_what_local_skips_and_where_keys_are_documented(capsys):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "writes no MLflow run and no checkpoint" in text
-    assert "docs/usage.md section 'Settings'" in text and "raydino/config.py" in text and "--print-config" in text
+    assert "docs/usage.md section 'Settings'" in text and "raydino/config/schema.py" in text and "--print-config" in text
 
 
 def test_print_config_prints_the_resolved_config_and_starts_nothing(tmp_path, monkeypatch, capsys):
@@ -101,7 +101,7 @@ def test_print_config_prints_the_resolved_config_and_starts_nothing(tmp_path, mo
 
 def test_presets_lists_every_preset_with_a_line(capsys):
     from raydino.config import PRESETS
-    from raydino.presets import DESCRIPTIONS
+    from raydino.config.presets import DESCRIPTIONS
 
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from raydino.cli import main
-from raydino.compare import compare_runs, to_csv, to_markdown, write_plots
+from raydino.commands.compare import compare_runs, to_csv, to_markdown, write_plots
 from raydino.tracking import RunLogger, TrackingError, create_run
 
 ARMS = {("True", "False"): [60.0, 62.0, 64.0], ("False", "True"): [50.0, 54.0], ("False", "False"): [40.0]}

@@ -1,7 +1,7 @@
 import pytest
 
 from raydino.config import PRESETS, Config, ConfigError, flatten, load_config
-from raydino.registry import CENTERING_MODES
+from raydino.config.registry import CENTERING_MODES
 
 
 def test_default_is_cpu_demo():

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from raydino.config.registry import CENTERING_MODES
 from raydino.models import DINOHead
 from raydino.objectives import DINOTerm, Temperatures, Views, scaled_logits, vmf_logits
 from raydino.objectives.vmf import vmf_correction
-from raydino.registry import CENTERING_MODES
 from tests.reference import ReferenceDINO
 
 K, P, B = 12, 32, 5

@@ -15,12 +15,12 @@ from mlflow import MlflowClient
 
 from raydino.config import load_config
 from raydino.eval.evaluate import extract
-from raydino.export import load_teacher
 from raydino.models import normalize_crops
 from raydino.pretrain import log_teacher_model
 from raydino.step import DINOStep
 from raydino.tracking import create_run
 from raydino.train.checkpoint import TrainState, write_checkpoint
+from raydino.train.export import load_teacher
 from tests.tiny import TINY_NET
 
 REGISTERED = "raydino-test-teacher"

@@ -133,7 +133,7 @@ def test_vmf_logits_of_head_scores_add_the_log_normaliser_per_prototype():
 
 def test_layer_decay_scales_each_blocks_lr_and_leaves_it_off_at_one():
     from raydino.config import load_config
-    from raydino.schedules import ScheduleValues
+    from raydino.config.schedules import ScheduleValues
     from raydino.step import apply_schedule, build_models, build_optimizer
     from tests.tiny import TINY_NET
 

@@ -12,11 +12,11 @@ from mlflow import MlflowClient
 
 from raydino.config import load_config, with_overrides
 from raydino.data.sources import imagefolder_dataset, list_imagefolder
-from raydino.locations import locate
-from raydino.objectstore import ObjectStoreError
-from raydino.plan import check_data_path, plan_run, standard_eval_paths
+from raydino.launch.plan import check_data_path, plan_run, standard_eval_paths
 from raydino.pretrain import pretrain
-from raydino.storage import join_storage, resolve_storage
+from raydino.stores.locations import locate
+from raydino.stores.objectstore import ObjectStoreError
+from raydino.stores.run_storage import join_storage, resolve_storage
 from tests.images import small_imagefolder
 from tests.object_store import CREDENTIALS, create_bucket, free_port, keys, moto_endpoint_with_auth, upload
 from tests.tiny import TINY_RUN

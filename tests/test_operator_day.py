@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from raydino.cli import main
 from raydino.config import load_config
-from raydino.plan import plan_run
+from raydino.launch.plan import plan_run
 from raydino.pretrain import pretrain
 from raydino.tracking import RunLogger, create_run
 from raydino.train.checkpoint import CONFIG_FILE

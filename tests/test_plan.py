@@ -3,9 +3,9 @@
 import pytest
 
 from raydino.config import ConfigError, load_config
-from raydino.plan import check_data_path, plan_run
-from raydino.registry import DATA_SOURCES, require_all
-from raydino.storage import StorageError, resolve_storage
+from raydino.config.registry import DATA_SOURCES, require_all
+from raydino.launch.plan import check_data_path, plan_run
+from raydino.stores.run_storage import StorageError, resolve_storage
 
 
 def test_local_storage_is_absolute_and_created(tmp_path, monkeypatch):

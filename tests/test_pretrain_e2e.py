@@ -22,10 +22,10 @@ import raydino.pretrain as pretrain_module
 from raydino.cli import main
 from raydino.config import load_config, with_overrides
 from raydino.eval.evaluate import extract
-from raydino.export import load_teacher
 from raydino.pretrain import pretrain
 from raydino.tracking import TrackingError
 from raydino.train import driver
+from raydino.train.export import load_teacher
 from tests.images import small_imagefolder
 from tests.tiny import TINY_RUN
 

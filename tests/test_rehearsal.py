@@ -1,4 +1,4 @@
-"""The cluster path rehearsed on this machine (raydino/rehearsal.py): cluster.yaml's node types under
+"""The cluster path rehearsed on this machine (raydino/commands/rehearsal.py): cluster.yaml's node types under
 Ray's own autoscaler (fake_multinode), a two-trial sweep submitted with `ray job submit`, data at
 ImageNet geometry, the imagenet_vit_small code path at tiny sizes."""
 
@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from ray.autoscaler._private.util import validate_config
 
-from raydino.rehearsal import (
+from raydino.commands.rehearsal import (
     FAKE_HEAD_TYPE,
     GPU_STANDIN,
     _marked_processes,

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from raydino.config import load_config
-from raydino.schedules import Schedules, cosine, linear_warmup, warmup_cosine
+from raydino.config.schedules import Schedules, cosine, linear_warmup, warmup_cosine
 
 S = Schedules(
     epochs=10, lr=1e-3, min_lr=1e-6, warmup_epochs=2, weight_decay=0.04, weight_decay_end=0.4,

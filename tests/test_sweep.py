@@ -22,8 +22,8 @@ from raydino.sweep import (
     validate_space,
 )
 from raydino.sweep.bookkeeping import close_children
+from raydino.sweep.report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.sweep.spec import arm_values, cluster_capacity
-from raydino.sweep_report import arm_table, child_runs, is_collapsed, to_markdown, write_report
 from raydino.tracking import RunLogger, create_run
 from tests.tiny import TINY_RUN
 
@@ -320,7 +320,7 @@ def test_script_reports_onto_the_ended_parent_run_and_survives_a_failing_report(
     def broken_report(*_):
         raise RuntimeError("plotting went wrong")
 
-    monkeypatch.setattr("raydino.sweep_report.write_report", broken_report)
+    monkeypatch.setattr("raydino.sweep.report.write_report", broken_report)
     lines.clear()
     assert common.report_sweep(result, arm_keys, tmp_path / "again", log=lines.append) == ""
     assert lines[0] == "sweep: the report failed (RuntimeError: plotting went wrong); trial outcomes follow"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raydino.registry import DATA_SOURCES, require_all
+from raydino.config.registry import DATA_SOURCES, require_all
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SIZE = 32
@@ -97,7 +97,7 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR, siz
     return ArrayDataset(np.ascontiguousarray(images), labels, FASHION_CLASSES)
 
 
-# source name (raydino.registry.DATA_SOURCES, embedded ones) -> loader(split, size, seed)
+# source name (raydino.config.registry.DATA_SOURCES, embedded ones) -> loader(split, size, seed)
 _LOADERS: dict[str, Callable[[str, int, int], ArrayDataset]] = {
     "digits": lambda split, size, seed: load_digits(split, size=size, seed=seed),
     "fashion_mnist": lambda split, size, _seed: load_fashion_mnist(split, size=size),

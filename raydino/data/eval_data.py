@@ -11,12 +11,12 @@ import torch
 from torchvision.transforms import v2
 
 from raydino.config import Config
+from raydino.config.registry import DATA_SOURCES
 from raydino.data.embedded import load_embedded
 from raydino.data.sources import decode_image, list_imagefolder, sample_listing
 from raydino.eval.data import EvalData
-from raydino.locations import read_file
-from raydino.plan import standard_eval_paths
-from raydino.registry import DATA_SOURCES
+from raydino.launch.plan import standard_eval_paths
+from raydino.stores.locations import read_file
 
 logger = logging.getLogger(__name__)
 

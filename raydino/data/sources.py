@@ -35,9 +35,9 @@ import ray
 import ray.data
 
 from raydino.config import DataConfig
+from raydino.config.registry import DATA_SOURCES
 from raydino.data.embedded import ArrayDataset, load_embedded
-from raydino.locations import IMAGE_EXTENSIONS, DataLocation, locate
-from raydino.registry import DATA_SOURCES
+from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from raydino.config.registry import CENTERING_MODES, require_all
 from raydino.objectives.distributed import all_reduce_max, all_reduce_sum, global_batch_mean
-from raydino.registry import CENTERING_MODES, require_all
 
 
 class Centering(nn.Module):
@@ -130,7 +130,7 @@ require_all(CENTERING_MODES, _MODES, "centering modes")
 def make_centering(
     mode: str, num_prototypes: int, momentum: float = 0.9, sinkhorn_iterations: int = 3
 ) -> Centering:
-    """Build the centering module for ``mode`` (a key of ``raydino.registry.CENTERING_MODES``)."""
+    """Build the centering module for ``mode`` (a key of ``raydino.config.registry.CENTERING_MODES``)."""
     if mode not in _MODES:
         raise ValueError(f"unknown centering mode {mode!r}; choose one of {', '.join(CENTERING_MODES)}")
     return _MODES[mode](num_prototypes, momentum, sinkhorn_iterations)

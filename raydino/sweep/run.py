@@ -21,8 +21,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.sample import Domain
 
 from raydino.config import ConfigError
-from raydino.plan import check_data_path
-from raydino.storage import join_storage, ray_storage, resolve_storage
+from raydino.launch.plan import check_data_path
+from raydino.stores.run_storage import join_storage, ray_storage, resolve_storage
 from raydino.sweep.bookkeeping import TrialBookkeeping, close_children, serving
 from raydino.sweep.spec import (
     SweepResult,

@@ -15,10 +15,10 @@ from typing import Any
 
 from ray.tune.search.sample import Domain
 
-from raydino.capacity import BOOTSTRAP_CONFIG, cluster_capacity, max_resources_of  # noqa: F401 - re-exported
 from raydino.config import Config, ConfigError, with_overrides
+from raydino.config.registry import DATA_SOURCES
 from raydino.data.eval_data import has_eval_data
-from raydino.registry import DATA_SOURCES
+from raydino.launch.capacity import BOOTSTRAP_CONFIG, cluster_capacity, max_resources_of  # noqa: F401 - re-exported
 from raydino.train.driver import required_cpus
 
 

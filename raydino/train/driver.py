@@ -22,16 +22,16 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raydino.capacity import cluster_capacity, fit_verdict
 from raydino.config import Config
 from raydino.data.clock import start_crop_meter, start_epoch_clock
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
-from raydino.plan import RunPlan
+from raydino.launch.capacity import cluster_capacity, fit_verdict
+from raydino.launch.plan import RunPlan
 from raydino.step import TrainingDiverged
-from raydino.storage import is_remote, join_storage, ray_storage, resolve_storage
+from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
 from raydino.train.loop import WorkerPlan, train_loop_per_worker
 
 

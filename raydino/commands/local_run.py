@@ -14,12 +14,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from raydino.config import Config
+from raydino.config.registry import DATA_SOURCES
 from raydino.data.augment import MultiCrop
 from raydino.data.embedded import ArrayDataset, load_embedded
 from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network
 from raydino.models import MultiCropNetwork, normalize_crops
-from raydino.registry import DATA_SOURCES
 from raydino.step import DINOStep
 
 

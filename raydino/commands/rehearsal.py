@@ -2,7 +2,7 @@
 Ray's own autoscaler, a sweep submitted with ``ray job submit`` as docs/scale-out.md says, data at ImageNet's
 geometry, the ``imagenet_vit_small`` code path at tiny sizes.
 
-``python -m raydino.rehearsal cluster.yaml`` (or ``make rehearse``):
+``python -m raydino.commands.rehearsal cluster.yaml`` (or ``make rehearse``):
 
 1. derives a ``fake_multinode`` autoscaling config from ``cluster.yaml``: the same node types with
    the same custom resources and worker limits, CPU counts shrunk to fit this machine, each GPU a

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from raydino.eval.attention import DEFAULT_THRESHOLD, cls_attention_maps, write_attention_pngs
-from raydino.export import IMAGE_SIZE_KEY, MODEL_KEY, TIMM_KWARGS_KEY, load_teacher
 from raydino.models import normalize_crops
+from raydino.train.export import IMAGE_SIZE_KEY, MODEL_KEY, TIMM_KWARGS_KEY, load_teacher
 
 
 @dataclass

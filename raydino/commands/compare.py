@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raydino.tables import format_cell, markdown_table, metric_column
+from raydino.eval.tables import format_cell, markdown_table, metric_column
 from raydino.tracking import search_runs
 
 DEFAULT_METRICS = ("final_knn_top1", "final_linear_probe_top1", "final_prototypes_in_use", "teacher_entropy")

@@ -2,7 +2,7 @@
 
 Ray Train writes to either through pyarrow; a remote URI must stay a URI (``Path`` would
 turn ``s3://bucket/x`` into ``s3:/bucket/x`` relative to the working directory). Both are checked
-writable before anything starts (``raydino.objectstore``: AWS_ENDPOINT_URL and the AWS_* variables).
+writable before anything starts (``raydino.stores.objectstore``: AWS_ENDPOINT_URL and the AWS_* variables).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydino.objectstore import check_writable, filesystem_of, is_uri
+from raydino.stores.objectstore import check_writable, filesystem_of, is_uri
 
 if TYPE_CHECKING:
     import pyarrow.fs

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 
 from raydino.config import Config, ConfigError, build_config, with_overrides
-from raydino.locations import IMAGE_EXTENSIONS, locate, read_file
-from raydino.registry import DATA_SOURCES
-from raydino.storage import join_storage, resolve_storage
+from raydino.config.registry import DATA_SOURCES
+from raydino.stores.locations import IMAGE_EXTENSIONS, locate, read_file
+from raydino.stores.run_storage import join_storage, resolve_storage
 
 
 @dataclass(frozen=True)

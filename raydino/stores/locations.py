@@ -1,7 +1,7 @@
 """Where a dataset lives: a local directory or a URI of any pyarrow filesystem (``s3://``, ``gs://`` ...).
 
 Listing happens on the driver, here; reading happens in Ray tasks, which get ``filesystem`` (None for
-the local disk, where Ray's default and ``open`` do). See ``raydino.objectstore`` for how an
+the local disk, where Ray's default and ``open`` do). See ``raydino.stores.objectstore`` for how an
 S3-compatible endpoint and credentials are found. No Ray here.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raydino.objectstore import file_info, filesystem_of, is_uri, list_entries
+from raydino.stores.objectstore import file_info, filesystem_of, is_uri, list_entries
 
 # torchvision's ImageFolder extensions (matched case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "ppm", "pgm", "bmp", "tif", "tiff", "webp")

@@ -3,9 +3,9 @@
 Built from a preset, then a YAML file, then dotted overrides (``loss.vmf=true``),
 validated once at load: unknown keys and out-of-range values fail with a message
 that names the key and what is allowed. ``Config.lr`` applies the batch-size scaling
-of the learning rate; ``raydino.plan.plan_run`` fills in the run name and storage, and
+of the learning rate; ``raydino.launch.plan.plan_run`` fills in the run name and storage, and
 that config is what gets logged and checkpointed. Choices (data sources, centering
-modes) come from ``raydino.registry``.
+modes) come from ``raydino.config.registry``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
-from raydino.presets import DEFAULT_PRESET, PRESETS
-from raydino.registry import CENTERING_MODES, DATA_SOURCES, choice_type
-from raydino.schedules import Schedules
+from raydino.config.presets import DEFAULT_PRESET, PRESETS
+from raydino.config.registry import CENTERING_MODES, DATA_SOURCES, choice_type
+from raydino.config.schedules import Schedules
 
 CenteringMode = choice_type(CENTERING_MODES)
 CenteringChoice = choice_type(["auto", *CENTERING_MODES])

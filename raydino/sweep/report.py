@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raydino.eval.plots import plot_arm_values, plot_kappa_histogram, plot_usage_curves
-from raydino.tables import format_cell, markdown_table, metric_column
+from raydino.eval.tables import format_cell, markdown_table, metric_column
 from raydino.tracking import PROTOTYPE_ARRAYS, RunLogger, search_runs
 
 COLLAPSE_NATS = 0.1  # below this, targets are (nearly) the same for every sample
