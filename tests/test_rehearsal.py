@@ -15,6 +15,7 @@ from ray.autoscaler._private.util import validate_config
 from raydino.commands.rehearsal import (
     FAKE_HEAD_TYPE,
     GPU_STANDIN,
+    REPO,
     _marked_processes,
     derive_fake_cluster,
     imagenet_geometry_jpegs,
@@ -22,6 +23,11 @@ from raydino.commands.rehearsal import (
 )
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def test_the_rehearsal_submits_the_repository_it_lives_in():
+    """The job's working directory and its sweep script: a module moved deeper must not lose them."""
+    assert REPO == CLUSTER.parent and (REPO / "sweeps" / "kappa_ablation.py").is_file()
 
 
 def test_the_fake_cluster_keeps_the_node_types_and_their_resources():

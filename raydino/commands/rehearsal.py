@@ -45,7 +45,7 @@ import yaml
 GPU_STANDIN = "gpu_standin"
 FAKE_HEAD_TYPE = "ray.head.default"
 """The fake provider registers its head under this type name, whatever the config calls it."""
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MARKER = "RAYDINO_REHEARSAL"
 EXPERIMENT = "rehearsal"
 
