@@ -3,10 +3,9 @@
 Run by tests/test_multinode.py: a test process holds the session's single-node Ray, and a
 process can join only one Ray. Layout, as cluster.yaml's node types: a head with no CPU
 for tasks, "train" nodes (one ``train_node`` resource each, standing in for a GPU node), and
-a CPU-only "data" node (``data_node``) for the multi-crop actors. Two faults are injected
-into one run (each restart costs about a minute on 2 cores): a train worker's node is removed
-after the first checkpoint, then a worker process is killed once the restarted run has
-checkpointed past its first epoch. Prints one JSON line: placement, faults, steps, history.
+a CPU-only "data" node (``data_node``) for the multi-crop actors. A train worker's node is removed, without grace, after the first
+checkpoint (the restart costs about a minute on 2 cores); Ray Train restarts the workers from it.
+Prints one JSON line: placement, the fault, steps, history.
 
     python tests/multinode_job.py WORKDIR
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -82,7 +80,7 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
     quiet_ray_data()
     node_kind = {n.node_id: f"train{i}" for i, n in enumerate(train_nodes)} | {data_node.node_id: "data",
                                                                                  cluster.head_node.node_id: "head"}
-    epochs = 2
+    epochs = 1
     cfg = load_config(overrides=[*TINY, f"optim.epochs={epochs}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
                                  f"checkpoint.storage_path={workdir / 'runs'}", "tracking.run_name=faults",
                                  "checkpoint.max_failures=2"])
@@ -97,9 +95,8 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
             time.sleep(0.2)
         raise TimeoutError(f"no checkpoint at step >= {min_step} in time")
 
-    def inject_faults() -> None:
-        """Remove a train worker's node after the first checkpoint; SIGKILL a worker process
-        once the restarted run has checkpointed past the first epoch."""
+    def inject_fault() -> None:
+        """Remove a train worker's node, without grace, after the first committed checkpoint."""
         deadline = time.monotonic() + 400
         checkpoints = wait_for_checkpoint(1, deadline)
         alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
@@ -113,15 +110,9 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
                        "clock_on": [node_kind[a["node_id"]] for a in _actors("EpochClock") if a["state"] == "ALIVE"],
                        "at": time.monotonic() - started})
         cluster.remove_node(victim, allow_graceful=False)
-        steps_per_epoch = 1347 // 2 // 64
-        checkpoints = wait_for_checkpoint(steps_per_epoch + 1, deadline)
-        alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
-        faults.append({"fault": "kill worker process", "node": node_kind[alive[-1]["node_id"]], "after": checkpoints,
-                       "workers_on": sorted(node_kind[a["node_id"]] for a in alive), "at": time.monotonic() - started})
-        os.kill(alive[-1]["pid"], signal.SIGKILL)
 
     started = time.monotonic()
-    threading.Thread(target=inject_faults, daemon=True).start()
+    threading.Thread(target=inject_fault, daemon=True).start()
     summary = pretrain(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     seconds = time.monotonic() - started
     workers = _actors("RayTrainWorker")

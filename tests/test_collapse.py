@@ -1,16 +1,13 @@
-"""Collapse is detected while a run trains: the watch's rules, and a real run made to collapse."""
+"""Collapse is detected while a run trains: the watch's rules (a real run made to collapse:
+tests/test_pretrain_e2e.py::test_a_run_made_to_collapse_warns_once_and_is_tagged)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-from mlflow import MlflowClient
 
-from raydino.config import load_config
 from raydino.eval.collapse import CollapseWatch
-from raydino.pretrain import pretrain, summary_lines
-from tests.tiny import TINY_RUN
 
 LOG_K = math.log(64)
 
@@ -53,28 +50,3 @@ def test_one_prototype_for_everyone_and_a_handful_in_use_are_collapse():
     assert watch.end_epoch(3) is None  # no steps recorded (all skipped): nothing to judge
     watch.record(math.nan, math.nan)
     assert watch.end_epoch(4) is None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_run_made_to_collapse_warns_once_and_is_tagged(ray_session, tmp_path, capfd):
-    """A teacher at temperature 1 with DINO's logit centering: the targets are uniform from the start."""
-    cfg = load_config(overrides=[
-        *TINY_RUN, "data.batch_size_per_worker=16", "data.crop_batch_size=32", "eval.max_images=120",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"checkpoint.storage_path={tmp_path / 'runs'}",
-        "tracking.run_name=collapse", "optim.epochs=3", "loss.vmf=false", "loss.teacher_temp=1.0",
-        "loss.warmup_teacher_temp=1.0", "loss.koleo_weight=0", "tracking.log_every_steps=2",
-    ])
-    summary = pretrain(cfg, log=lambda _: None)
-    out = capfd.readouterr().out
-    warnings = [line for line in out.splitlines() if "raydino: warning: collapse:" in line]
-    assert len(warnings) == 1, out[-3000:]
-    assert "uniform over epoch 2" in warnings[0] and "loss.teacher_temp" in warnings[0]
-    client = MlflowClient(summary.tracking_uri)
-    run = client.get_run(summary.mlflow_run_id)
-    assert "uniform over epoch 2" in run.data.tags["raydino.collapse"]
-    history = sorted((m.step, m.value) for m in client.get_metric_history(summary.mlflow_run_id, "collapsed"))
-    assert [value for _, value in history] == [0.0, 1.0, 1.0]
-    lines = summary_lines(summary)
-    assert any(line.startswith("collapse: the last epoch was collapsed") for line in lines)
-    assert any(line.startswith("prototype precision kappa, q05..q95: student ") for line in lines)

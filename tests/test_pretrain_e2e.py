@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from safetensors import safe_open
 
 import raydino.pretrain as pretrain_module
 from raydino.cli import main
-from raydino.config import load_config, with_overrides
+from raydino.config import load_config
 from raydino.eval.evaluate import extract
-from raydino.pretrain import pretrain
+from raydino.pretrain import pretrain, summary_lines
 from raydino.tracking import TrackingError
 from raydino.train import driver
 from raydino.train.export import load_teacher
@@ -123,68 +121,6 @@ def test_cli_evaluate_and_export(trained, tmp_path, capsys):
     assert "not a raydino checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path):
-    storage = tmp_path / "runs"
-    overrides = [*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "optim.epochs=2", "tracking.run_name=resume",
-                 "eval.every_epochs=0", "loss.vmf=false"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session, "PYTHONUNBUFFERED": "1"}
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raydino.cli", "pretrain", "--storage", str(storage), *overrides],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 240
-    snapshot = storage / "resume" / "checkpoint_manager_snapshot.json"  # Ray's record of committed checkpoints
-    committed: list[str] = []
-    while time.monotonic() < deadline and proc.poll() is None and not committed:
-        if snapshot.is_file():
-            try:
-                committed = [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
-            except (ValueError, KeyError):  # being written
-                committed = []
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert committed, (tmp_path / "first.log").read_text()[-3000:]
-    first_step = int(committed[0].split("_")[1])
-    steps_per_epoch = 1347 // 2 // 16
-    assert first_step == steps_per_epoch
-
-    lines: list[str] = []
-    cfg = load_config(overrides=overrides)
-    time.sleep(2)  # let Ray release the killed driver's workers
-    summary = pretrain(with_overrides(cfg, {"checkpoint.storage_path": str(storage)}), log=lines.append)
-    assert summary.result.steps == 2 * steps_per_epoch
-    client = MlflowClient(summary.tracking_uri)
-    history = [m.step for m in client.get_metric_history(summary.mlflow_run_id, "loss")]
-    # one continuous history: every logged step once, none lost (the second run resumed at the
-    # checkpoint and did not log again the steps the first had logged before the kill)
-    assert sorted(history) == list(range(2, 2 * steps_per_epoch + 1, 2)), history
-    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
-    assert len(client.search_runs([client.get_experiment_by_name("raydino").experiment_id])) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(ray_session, tmp_path):
-    root = small_imagefolder(tmp_path / "folder")
-    cfg = _cfg(tmp_path, "optim.epochs=1", "data.source=imagefolder", f"data.path={root}",
-               "data.batch_size_per_worker=8", "tracking.run_name=folder", f"checkpoint.storage_path={tmp_path / 'runs'}")
-    summary = pretrain(cfg, log=lambda _: None)
-    assert summary.result.skipped_images == 1
-    # 5 steps x 2 workers x 8 planned from 80 files; one pass holds 79 rows: the spare pass fills the last step
-    assert summary.result.steps == 80 // 2 // 8
-    run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
-    assert run.data.metrics["skipped_images"] == 1
-    # the same folder evaluates a checkpoint (80/20 split into kNN bank and test set)
-    from raydino.pretrain import evaluate_checkpoint
-
-    metrics = evaluate_checkpoint(summary.result.checkpoint_dir, str(root))
-    assert 0.0 <= metrics["knn_top1"] <= 100.0 and metrics["prototypes_in_use"] >= 1
-
-
 def test_missing_path_fails_fast_with_its_name(tmp_path, capsys):
     started = time.monotonic()
     code = main(["pretrain", "--data", str(tmp_path / "nope"), f"tracking.uri=sqlite:///{tmp_path}/m.db"])
@@ -216,43 +152,71 @@ def test_stream_has_spare_passes_for_skipped_files():
         assert 0.9 * stream_passes(epochs) >= epochs  # 10% of the files may turn out undecodable
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_nan_skip_policy_stops_after_n_in_a_row(ray_session, tmp_path):
-    from raydino.train.driver import PretrainError
-
-    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=nan-skip", "eval.every_epochs=0",
-               "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, init_values: 1.0e+30}",
-               f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.max_failures=0",
-               "optim.nonfinite_loss=skip", "optim.max_nonfinite_in_a_row=3")
-    # LayerScale initialised at 1e30 overflows the first LayerNorm: a loss that is NaN at every step;
-    # steps 0 and 1 are skipped, the third in a row stops the run (policy stop: tests/test_training_step.py)
-    with pytest.raises(PretrainError, match=r"loss is nan at step 2.*3 non-finite losses in a row.*3 skipped in all"
-                       r".*Last good checkpoint: none yet"):
-        pretrain(cfg, log=lambda _: None)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("raydino")
-    assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_slow_data_stage_shows_in_the_data_wait(ray_session, tmp_path, monkeypatch):
-    """A data stage that cannot keep up (one task at a time, 10 ms per image after the crops): the trainers
-    wait on data most of the time; the run measures it, logs it and warns (printed, and tagged on the run)."""
+@pytest.fixture(scope="module")
+def folder_run(ray_session, tmp_path_factory):
+    """One run that three tests read, each about something a run must report on its own: an image folder
+    with a corrupt file, a data stage slowed to 30 ms an image after the crops (one task at a time), and a
+    teacher at temperature 1 with DINO's logit centering (targets uniform from the start: collapse).
+    Returns the folder, the summary and what the run printed (the workers' lines too)."""
+    tmp_path = tmp_path_factory.mktemp("folder")
+    root = small_imagefolder(tmp_path / "folder")
 
     def slow(batch):
-        time.sleep(0.01 * len(batch["label"]))
+        time.sleep(0.03 * len(batch["label"]))
         return batch
 
     crops = driver.multicrop_dataset
-    monkeypatch.setattr(driver, "multicrop_dataset",
-                        lambda *a, **k: crops(*a, **k).map_batches(slow, batch_size=16, concurrency=1))
-    cfg = _cfg(tmp_path, "optim.epochs=1", "tracking.run_name=slow-data", "tracking.progress_seconds=2",
-               "eval.every_epochs=0", f"checkpoint.storage_path={tmp_path / 'runs'}")
-    summary = pretrain(cfg, log=lambda _: None)
-    waits = [m.value for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id,
-                                                                                   "data_wait_fraction")]
+    cfg = _cfg(tmp_path, "optim.epochs=3", "data.source=imagefolder", f"data.path={root}",
+               "data.batch_size_per_worker=8", "tracking.run_name=folder", f"checkpoint.storage_path={tmp_path / 'runs'}",
+               "tracking.progress_seconds=1", "loss.vmf=false", "loss.teacher_temp=1.0", "loss.warmup_teacher_temp=1.0",
+               "loss.koleo_weight=0")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # Ray prints workers' lines here
+        mp.setattr(driver, "multicrop_dataset",
+                   lambda *a, **k: crops(*a, **k).map_batches(slow, batch_size=16, concurrency=1))
+        summary = pretrain(cfg, log=print)
+    return root, summary, printed.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(folder_run):
+    root, summary, _ = folder_run
+    assert summary.result.skipped_images == 1
+    # 5 steps x 2 workers x 8 planned from 80 files; one pass holds 79 rows: the spare pass fills the last step
+    assert summary.result.steps == 3 * (80 // 2 // 8)
+    run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
+    assert run.data.metrics["skipped_images"] == 1
+    # the same folder evaluates a checkpoint (80/20 split into kNN bank and test set)
+    from raydino.pretrain import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(summary.result.checkpoint_dir, str(root))
+    assert 0.0 <= metrics["knn_top1"] <= 100.0 and metrics["prototypes_in_use"] >= 1
+
+
+@pytest.mark.slow
+def test_a_slow_data_stage_shows_in_the_data_wait(folder_run):
+    """The trainers wait on data most of the time; the run measures it, logs it and warns (a worker line,
+    and a tag on the run)."""
+    _, summary, _ = folder_run
+    client = MlflowClient(summary.tracking_uri)
+    waits = [m.value for m in client.get_metric_history(summary.mlflow_run_id, "data_wait_fraction")]
     assert waits and statistics.median(waits) > 0.2, waits
-    warning = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).data.tags["raydino.slow_data_warning"]
+    warning = client.get_run(summary.mlflow_run_id).data.tags["raydino.slow_data_warning"]
     assert "waited on data" in warning and "data.num_crop_actors" in warning
+
+
+@pytest.mark.slow
+def test_a_run_made_to_collapse_warns_once_and_is_tagged(folder_run):
+    """The collapse watch's rules are unit-tested in tests/test_collapse.py; here a real run trips them."""
+    _, summary, printed = folder_run
+    warnings = [line for line in printed.splitlines() if "raydino: warning: collapse:" in line]
+    assert len(warnings) == 1, printed[-3000:]
+    assert "uniform over epoch 2" in warnings[0] and "loss.teacher_temp" in warnings[0]
+    client = MlflowClient(summary.tracking_uri)
+    assert "uniform over epoch 2" in client.get_run(summary.mlflow_run_id).data.tags["raydino.collapse"]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(summary.mlflow_run_id, "collapsed"))
+    assert [value for _, value in history] == [0.0, 1.0, 1.0]
+    lines = summary_lines(summary)
+    assert any(line.startswith("collapse: the last epoch was collapsed") for line in lines)
+    assert any(line.startswith("prototype precision kappa, q05..q95: student ") for line in lines)

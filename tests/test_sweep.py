@@ -3,6 +3,7 @@ sweep scripts' arguments; the per-arm report."""
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -405,14 +406,16 @@ def _kill_a_train_worker_after_a_checkpoint(runs: Path, killed: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_failed_trials_are_retried_then_reported_while_others_finish(ray_session, tmp_path):
-    """Two faults in one sweep, one trial at a time: a trial whose loss is NaN fails both attempts
-    and is reported; the worker of the other is killed after its first checkpoint, and Tune's
-    retry resumes it from that checkpoint to the end, with one MLflow history."""
+    """Two faults in one sweep, one trial at a time: a trial whose loss is NaN at every step fails both
+    attempts and is reported (the skip policy: two steps skipped, the third in a row stops the run; the
+    policy itself is unit-tested in tests/test_training_step.py); the worker of the other is killed after
+    its first checkpoint, and Tune's retry resumes it from that checkpoint to the end, with one MLflow
+    history."""
     import threading
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = load_config(overrides=[*TINY, "optim.epochs=1", f"tracking.uri={uri}", "tracking.experiment=fail",
-                                  "checkpoint.every_steps=5"])
+                                  "checkpoint.every_steps=5", "optim.nonfinite_loss=skip", "optim.max_nonfinite_in_a_row=3"])
     # LayerScale initialised at 1e30 makes the loss NaN at step 0: a trial that raises, every attempt
     spec = SweepSpec("fail", base, {"model.kwargs.init_values": [None, 1.0e30]}, trial_retries=1,
                      worker_failures=0, max_concurrent_trials=1, storage_path=tmp_path / "runs")
@@ -423,7 +426,9 @@ def test_failed_trials_are_retried_then_reported_while_others_finish(ray_session
 
     by_init = {t.overrides["model.kwargs.init_values"]: t for t in result.trials}
     failed, ok = by_init[1.0e30], by_init[None]
-    assert failed.status == "FAILED" and failed.attempts == 2 and "loss is nan at step 0" in failed.error
+    assert failed.status == "FAILED" and failed.attempts == 2
+    assert re.search(r"loss is nan at step 2.*3 non-finite losses in a row.*3 skipped in all.*Last good checkpoint: "
+                     r"none yet", failed.error, re.DOTALL), failed.error
     assert killed and killed["run"].endswith(ok.trial_id), killed  # the NaN trial never checkpoints
     assert ok.status == "FINISHED" and ok.attempts == 2  # killed once, retried from its checkpoint
 

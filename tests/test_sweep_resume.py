@@ -52,8 +52,23 @@ def test_a_restored_tuner_reports_to_the_live_bookkeeping():
     assert restored.outcomes == live.outcomes
 
 
+def _refusal(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The sweep script run in this process (``args`` without the script path): its exit code and stderr."""
+    from tests.test_sweep import _script
+
+    ablation = _script("kappa_ablation")
+    sys.path.insert(0, str(SWEEPS))
+    try:
+        from _common import run_cli
+    finally:
+        sys.path.remove(str(SWEEPS))
+    capsys.readouterr()
+    code = run_cli(lambda: ablation.main(args[1:]))
+    return code, capsys.readouterr().err
+
+
 def _sweep_args(tmp_path: Path, *extra: str) -> list[str]:
-    """1 arm x 3 seeds of a tiny DINO, one epoch each, one trial at a time, a checkpoint every 5 steps."""
+    """1 arm x N seeds of a tiny DINO, one epoch each, one trial at a time, a checkpoint every 5 steps."""
     return [
         str(SWEEPS / "kappa_ablation.py"), "--methods", "dino", "--prototypes", "normalised", "--centerings", "logit",
         "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
@@ -146,7 +161,7 @@ def _ready_to_kill(client: MlflowClient, storage: Path) -> dict[str, Any] | None
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path):
+def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
     ray_tmp = tempfile.mkdtemp(prefix="rdr-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAYDINO_TEST_CPUS": "5"}
     env.pop("RAY_ADDRESS", None)
@@ -155,7 +170,7 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path):
     first = resumed = None
     try:
         with (tmp_path / "first.log").open("w") as log:
-            first = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "3")], env=env,
+            first = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "2")], env=env,
                                      cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         before = None
         deadline = time.monotonic() + 600
@@ -167,17 +182,14 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path):
         name = before["name"]
 
         # a name that is not there, or other settings, are refused in one line before Ray starts
-        wrong = subprocess.run([sys.executable, *_sweep_args(tmp_path, "--seeds", "3", "--resume", "nope")], env=env,
-                               cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
-        assert "cannot resume sweep 'nope'" in wrong.stderr and f"can be resumed there: {name}" in wrong.stderr
-        other = subprocess.run([sys.executable, *_sweep_args(tmp_path, "--seeds", "2", "--resume")], env=env,
-                               cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-        assert other.returncode == 2 and "was started with other settings (seed: 'grid [0, 1, 2]' then, " \
-            "'grid [0, 1]' now" in other.stderr, other.stderr
+        code, err = _refusal(_sweep_args(tmp_path, "--seeds", "2", "--resume", "nope"), capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert "cannot resume sweep 'nope'" in err and f"can be resumed there: {name}" in err
+        code, err = _refusal(_sweep_args(tmp_path, "--seeds", "1", "--resume"), capsys)
+        assert code == 2 and "was started with other settings (seed: 'grid [0, 1]' then, 'grid [0]' now" in err, err
 
         with (tmp_path / "resume.log").open("w") as log:  # --resume alone: the newest resumable sweep
-            resumed = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "3", "--resume")],
+            resumed = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "2", "--resume")],
                                        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         try:
@@ -190,17 +202,17 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path):
         _kill_all(resumed, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    assert f"sweep {name!r}: 3 trial(s), up to 1 at a time; resumed (attempt 2) in MLflow parent run " \
+    assert f"sweep {name!r}: 2 trial(s), up to 1 at a time; resumed (attempt 2) in MLflow parent run " \
         f"{before['parent']}" in out
-    assert "3 finished, 0 stopped early, 0 failed" in out
+    assert "2 finished, 0 stopped early, 0 failed" in out
     # the unfinished trial's Train run continued from its latest checkpoint, not from step 0
     steps = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
     assert len(steps) == 1 and before["checkpoint_step"] <= steps[0] < STEPS, out[-4000:]
 
     parent, children = _runs(client)
     assert parent.info.run_id == before["parent"] and parent.info.status == "FINISHED"
-    assert parent.data.tags["raydino.attempts"] == "2" and parent.data.metrics["trials_finished"] == 3
-    assert len(children) == 3 and len({c.data.tags["raydino.trial_id"] for c in children}) == 3  # no duplicate
+    assert parent.data.tags["raydino.attempts"] == "2" and parent.data.metrics["trials_finished"] == 2
+    assert len(children) == 2 and len({c.data.tags["raydino.trial_id"] for c in children}) == 2  # no duplicate
     assert {c.info.status for c in children} == {"FINISHED"}
     runs = {c.info.run_id: c for c in children}
     done = runs[before["done"]]  # finished before the kill: untouched

@@ -220,11 +220,11 @@ def sweep_command(data: Path, storage: Path, tracking_uri: str, name: str) -> li
     return [
         "python", str(REPO / "sweeps" / "kappa_ablation.py"), "--preset", "imagenet_vit_small", "--data", str(data),
         "--methods", "dino-vmf", "--prototypes", "unnormalised", "--centerings", "auto", "--seeds", "2",
-        "--epochs", "2", "--name", name, "--experiment", EXPERIMENT, "--storage", str(storage), "--tracking-uri", tracking_uri,
+        "--epochs", "1", "--name", name, "--experiment", EXPERIMENT, "--storage", str(storage), "--tracking-uri", tracking_uri,
         "--out", str(storage.parent / "report"),
         "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
         f"scaling.resources_per_worker={{{GPU_STANDIN}: 1}}",
-        "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1",
+        "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0", "head.num_prototypes=1024",
         "data.batch_size_per_worker=2", "data.max_files=4", "data.crop_batch_size=4",
         "data.crop_actors_per_worker=[1, 2]", "data.crop_actor_resources={data_node: 1}",
         "eval.max_images=16",

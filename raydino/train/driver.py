@@ -29,7 +29,7 @@ from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
 from raydino.launch.capacity import cluster_capacity, fit_verdict
-from raydino.launch.plan import RunPlan
+from raydino.launch.plan import RunPlan, latest_checkpoint_config
 from raydino.step import TrainingDiverged
 from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
 from raydino.train.loop import WorkerPlan, train_loop_per_worker
@@ -312,6 +312,15 @@ def _local_checkpoint(checkpoint: ray.train.Checkpoint | None, storage: str, loc
     return Path(checkpoint.to_directory(str(local_run_dir / Path(checkpoint.path).name)))
 
 
+def newest_checkpoint(plan: RunPlan, storage_path: str, filesystem: Any) -> ray.train.Checkpoint | None:
+    """The run's newest complete checkpoint in storage (state and config written), whether or not Ray
+    Train recorded it; None for a run without one. Workers restore from it only when Ray offers none."""
+    found = latest_checkpoint_config(plan.run_dir)
+    if found is None:
+        return None
+    return ray.train.Checkpoint(path=join_storage(storage_path, plan.run_name, found[0]), filesystem=filesystem)
+
+
 def run_pretraining(
     plan: RunPlan,
     *,
@@ -356,8 +365,9 @@ def run_pretraining(
         meter=meter,
     )
     eval_data = load_eval_data(cfg)  # once per run: the final evaluation gets it from TrainResult
-    worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, eval_data, plan.tracking_uri, plan.mlflow_run_id)
     storage_path, storage_filesystem = ray_storage(plan.storage)
+    worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, eval_data, plan.tracking_uri, plan.mlflow_run_id,
+                             resume_from=newest_checkpoint(plan, storage_path, storage_filesystem))
     trainer = build_trainer(
         cfg,
         dataset,

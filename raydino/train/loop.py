@@ -50,6 +50,10 @@ class WorkerPlan:
     eval_data: EvalData | None = None
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    resume_from: ray.train.Checkpoint | None = None
+    """The newest checkpoint in the run's storage, for a restore when Ray Train has none on record: a run
+    stopped (SIGTERM, Ctrl-C) after a checkpoint was written but before Ray's controller recorded it
+    would otherwise start again from step 0 (Ray Train v2's documented pattern for resuming)."""
 
 
 def _say(line: str) -> None:
@@ -119,7 +123,7 @@ class _Worker:
         ) if self.rank == 0 else None
 
     def restore(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint() or self.plan.resume_from
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
