@@ -32,7 +32,8 @@ from raydino.launch.capacity import cluster_capacity, fit_verdict
 from raydino.launch.plan import RunPlan, latest_checkpoint_config
 from raydino.step import TrainingDiverged
 from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
-from raydino.train.loop import WorkerPlan, train_loop_per_worker
+from raydino.train.entry import train_loop
+from raydino.train.loop import WorkerPlan
 
 
 class PretrainError(RuntimeError):
@@ -287,10 +288,11 @@ def _start_timeout_message(exc: BaseException, cfg: Config) -> str | None:
 def build_trainer(
     cfg: Config, dataset: ray.data.Dataset, plan: WorkerPlan, run_config: ray.train.RunConfig
 ) -> TorchTrainer:
-    """The TorchTrainer for ``train_loop_per_worker`` with the config's scaling (gloo on CPU, NCCL on GPU)."""
+    """The TorchTrainer for ``train_loop_per_worker`` with the config's scaling (gloo on CPU, NCCL on GPU).
+    The driver keeps the plan's object reference alive for as long as the trainer fits."""
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop,  # an entry point that imports nothing: the controller unpickles it (raydino.train.entry)
+        train_loop_config={"plan": ray.put(plan)},  # an object reference: the workers fetch it
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,

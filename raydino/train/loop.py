@@ -41,7 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint"
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What every worker receives from the driver (``train_loop_config={"plan": ...}``)."""
+    """What every worker receives from the driver (``train_loop_config={"plan": ray.put(plan)}``)."""
 
     cfg: Config
     steps_per_epoch: int
@@ -263,6 +263,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run by every Ray Train worker; ``loop_config["plan"]`` is the driver's ``WorkerPlan``."""
     _quiet_report_logs()
     plan: WorkerPlan = loop_config["plan"]
+    if isinstance(plan, ray.ObjectRef):  # as the driver passes it (raydino.train.entry)
+        plan = ray.get(plan)
     cfg = plan.cfg
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     worker = _Worker(plan)
