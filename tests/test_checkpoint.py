@@ -10,6 +10,7 @@ import torch
 from raydino.config import load_config
 from raydino.step import CheckpointMismatchError, DINOStep
 from raydino.train.checkpoint import (
+    CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
     TrainState,
@@ -102,3 +103,20 @@ def test_a_checkpoint_of_another_architecture_is_named_as_such(tmp_path):
     wider = DINOStep.build(load_config(overrides=[*TINY, "head.num_prototypes=64"]), torch.device("cpu"))
     with pytest.raises(CheckpointMismatchError, match="another model, head or centering"):
         wider.load_state_dict(read_checkpoint(tmp_path).models())
+
+
+def test_the_newest_complete_checkpoint_in_storage_is_the_fallback(tmp_path):
+    """What workers restore from when Ray Train recorded no checkpoint (a run stopped between writing one and
+    Ray recording it): the newest directory holding both files; a half-written newer one is passed over."""
+    from raydino.launch.plan import plan_run
+    from raydino.train.driver import newest_checkpoint
+
+    plan = plan_run(load_config(overrides=[*TINY_NET, "tracking.run_name=R", f"checkpoint.storage_path={tmp_path}"]))
+    assert newest_checkpoint(plan, str(tmp_path), None) is None  # no run directory yet
+    for step, files in ((5, (STATE_FILE, CONFIG_FILE)), (10, (STATE_FILE, CONFIG_FILE)), (20, (CONFIG_FILE,))):
+        folder = tmp_path / "R" / f"checkpoint_{step:08d}"
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("x")
+    found = newest_checkpoint(plan, str(tmp_path), None)
+    assert found is not None and found.path == str(tmp_path / "R" / "checkpoint_00000010")
