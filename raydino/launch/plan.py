@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from raydino.config import Config, ConfigError, build_config, with_overrides
 from raydino.config.registry import DATA_SOURCES
-from raydino.stores.locations import IMAGE_EXTENSIONS, locate, read_file
+from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate, read_file
 from raydino.stores.run_storage import join_storage, resolve_storage
 
 
@@ -100,19 +100,26 @@ STATE_KEYS = ("model.", "head.", "loss.method", "loss.centering", "loss.patch_ce
 resumed with another value cannot load it."""
 
 
+def checkpoint_folders(run_dir: str) -> list[DataLocation]:
+    """A run's ``checkpoint_*`` directories, newest first; none for a run without. Local or remote storage
+    alike (listed on the driver)."""
+    location = locate(run_dir)
+    if location.kind() != "dir":
+        return []
+    names = sorted((d for d in location.subdirectories() if d.startswith("checkpoint_")), reverse=True)
+    return [location.child(name) for name in names]
+
+
 def latest_checkpoint_config(run_dir: str) -> tuple[str, Config] | None:
     """(name, config) of the newest ``checkpoint_*`` directory of a run that holds a config; None for a
     run without checkpoints. Local or remote storage alike (the file is read on the driver)."""
-    location = locate(run_dir)
-    if location.kind() != "dir":
-        return None
-    for name in sorted((d for d in location.subdirectories() if d.startswith("checkpoint_")), reverse=True):
-        child = location.child(name).child(CHECKPOINT_CONFIG)
+    for folder in checkpoint_folders(run_dir):
+        child = folder.child(CHECKPOINT_CONFIG)
         if child.kind() == "file":
             import yaml
 
             try:
-                return name, build_config(yaml.safe_load(read_file(child.path, child.filesystem)))
+                return folder.name, build_config(yaml.safe_load(read_file(child.path, child.filesystem)))
             except (ConfigError, yaml.YAMLError):  # an older raydino's config: the worker's load check decides
                 return None
     return None

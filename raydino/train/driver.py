@@ -29,13 +29,12 @@ from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
 from raydino.launch.capacity import cluster_capacity, fit_verdict
-from raydino.launch.plan import RunPlan
+from raydino.launch.plan import RunPlan, checkpoint_folders
 from raydino.step import TrainingDiverged
-from raydino.stores.locations import locate
 from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
 from raydino.train.checkpoint import CONFIG_FILE, STATE_FILE
 from raydino.train.entry import train_loop
-from raydino.train.loop import CHECKPOINT_PREFIX, WorkerPlan
+from raydino.train.loop import WorkerPlan
 
 
 class PretrainError(RuntimeError):
@@ -319,13 +318,9 @@ def _local_checkpoint(checkpoint: ray.train.Checkpoint | None, storage: str, loc
 def newest_checkpoint(plan: RunPlan, storage_path: str, filesystem: Any) -> ray.train.Checkpoint | None:
     """The run's newest complete checkpoint in storage (``state.pt`` and ``config.yaml`` both there), whether
     or not Ray Train recorded it; None for a run without one. Workers restore from it only when Ray offers none."""
-    location = locate(plan.run_dir)
-    if location.kind() != "dir":
-        return None
-    for name in sorted((d for d in location.subdirectories() if d.startswith(f"{CHECKPOINT_PREFIX}_")), reverse=True):
-        folder = location.child(name)
+    for folder in checkpoint_folders(plan.run_dir):
         if folder.child(STATE_FILE).kind() == "file" and folder.child(CONFIG_FILE).kind() == "file":
-            return ray.train.Checkpoint(path=join_storage(storage_path, plan.run_name, name), filesystem=filesystem)
+            return ray.train.Checkpoint(path=join_storage(storage_path, plan.run_name, folder.name), filesystem=filesystem)
     return None
 
 

@@ -260,11 +260,10 @@ class _Worker:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run by every Ray Train worker; ``loop_config["plan"]`` is the driver's ``WorkerPlan``."""
+    """Run by every Ray Train worker; ``loop_config["plan"]`` is the driver's ``WorkerPlan``, put in Ray's
+    object store (``build_trainer``)."""
     _quiet_report_logs()
-    plan: WorkerPlan = loop_config["plan"]
-    if isinstance(plan, ray.ObjectRef):  # as the driver passes it (raydino.train.entry)
-        plan = ray.get(plan)
+    plan: WorkerPlan = ray.get(loop_config["plan"])  # an object reference (raydino.train.entry)
     cfg = plan.cfg
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     worker = _Worker(plan)
