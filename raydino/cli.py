@@ -97,12 +97,29 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--status", nargs="+", default=["FINISHED"], type=str.upper, metavar="STATUS",
                      choices=["FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED", "ALL"],
                      help="compare only runs with these MLflow statuses (default: FINISHED; 'all' for every run)")
+    rep = sub.add_parser(
+        "replay-metrics", help="send metrics a run could not log (its tracking server was away) to its MLflow run",
+        description="Send an unsent_metrics_*.jsonl file, written by a run whose MLflow server did not answer "
+        "before the run ended, to the run and store it names. Points already there are not duplicated.",
+    )
+    rep.add_argument("file", help="the unsent_metrics_*.jsonl file (a local path or a URI such as s3://...)")
+    rep.add_argument("--tracking-uri", help="default: the store named in the file")
     sub.add_parser("presets", help="list the presets (--preset NAME) with one line each",
                    description="List the presets; `raydino pretrain --preset NAME --print-config` shows one in full.")
     cmp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     cmp.add_argument("--plots", default="compare_plots", help="directory for the PNG plots ('' to skip)")
     cmp.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     return parser
+
+
+def _replay_metrics(args: argparse.Namespace) -> int:
+    from raydino.stores.locations import locate, read_file
+    from raydino.tracking import replay_unsent
+
+    location = locate(args.file)
+    uri, run_id, sent = replay_unsent(read_file(location.path, location.filesystem).decode(), args.tracking_uri)
+    print(f"raydino: sent {sent} metric points and tags to run {run_id} in {uri}")
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -278,6 +295,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _compare(args)
         if args.command == "presets":
             return _presets()
+        if args.command == "replay-metrics":
+            return _replay_metrics(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2

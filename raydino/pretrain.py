@@ -150,7 +150,8 @@ class PretrainSummary:
     mlflow_run_id: str
     export_path: Path | None
     model: LoggedBackbone | None = None
-    """The teacher backbone as an MLflow model (None if logging it failed: see the run's log)."""
+    """The teacher backbone as an MLflow model (None with ``tracking.log_model=false``, or if logging it failed:
+    see the run's log)."""
 
 
 def log_run_dataset(uri: str, run_id: str, cfg: Config, num_images: int, log: Callable[[str], None]) -> None:
@@ -273,7 +274,8 @@ def pretrain(
                 logger.log_artifacts(result.checkpoint_dir, "checkpoint")
             logger.log_metrics({f"final_{k}": v for k, v in final.metrics.items()}, result.steps)
             logger.log_metrics({f"random_init_{k}": v for k, v in final.random_init.items()}, result.steps)
-            model = log_teacher_model(uri, run_id, result.checkpoint_dir, result.steps, log)  # after the final metrics: linked to it
+            if cfg.tracking.log_model:  # after the final metrics: linked to them
+                model = log_teacher_model(uri, run_id, result.checkpoint_dir, result.steps, log)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stopped, not broken; the checkpoints stay
         logger.end_if_running("KILLED")
         raise RunInterrupted(plan, logger.last_step("epoch"), sigterm=getattr(exc, "sigterm", False)) from None

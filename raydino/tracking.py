@@ -8,13 +8,16 @@ the run with its final status.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
+import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +211,14 @@ def equals_filter(key: str, value: str) -> str:
     return f"{key} LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
 
 
+def _metric_batches(metrics: Mapping[str, float], step: int) -> Iterator[list[Metric]]:
+    """The finite values of ``metrics`` as MLflow points taken now at ``step``, in batches under log_batch's limit."""
+    now = get_current_time_millis()
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
 class RunLogger:
     """Logs to one existing run by id; cheap to construct on a training worker."""
 
@@ -216,10 +227,8 @@ class RunLogger:
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = get_current_time_millis()
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+        for batch in _metric_batches(metrics, step):
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -277,6 +286,176 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
+
+@dataclasses.dataclass
+class _Batch:
+    seq: int
+    metrics: list[Metric]
+    tags: list[RunTag]
+    sent_at: float = 0.0
+    operation: Any = None
+    """MLflow's ``RunOperations`` while the batch is in MLflow's async queue."""
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.metrics] + [
+            {"tag": t.key, "value": t.value} for t in self.tags
+        ]
+
+
+class BackgroundLogger(RunLogger):
+    """A training worker's metrics and tags, sent with MLflow's async logging (the rest of ``RunLogger``, reads
+    included, stays synchronous): no training step waits for
+    the tracking server, and an unreachable one costs no step and no point.
+
+    Each call queues a batch in MLflow's own async queue (``log_batch(synchronous=False)``), whose
+    threads send it with the client's retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and its backoff). A batch
+    MLflow gave up on is held, with every later one behind it, in order; every ``resend_every_s`` the first
+    held batch is offered again (MLflow's retries pace it), and once one lands the rest follow. ``say``
+    prints one line when tracking falls behind (a batch given up on, or none confirmed for ``behind_after_s``)
+    and one when it has caught up. ``close`` waits a bounded time for the rest and returns what never reached
+    the store, for the caller to write to a file. Each point keeps its own step and the time it was taken,
+    so the store's history is the same whenever it arrives.
+    """
+
+    def __init__(
+        self, uri: str, run_id: str, say: Callable[[str], None] = print, *, resend_every_s: float = 5.0,
+        behind_after_s: float = 30.0,
+    ) -> None:
+        # one sending thread: batches reach the store in the order they were taken, and a SQLite store behind
+        # the server sees one writer per run (MLflow reads this when its async queue starts in this process)
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
+        # the one warning and the one all-clear below replace MLflow's error line per failed batch and urllib3's
+        # line per retry
+        logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        super().__init__(uri, run_id)
+        self.uri, self.say = uri, say
+        self.resend_every_s, self.behind_after_s = resend_every_s, behind_after_s
+        self._in_flight: list[_Batch] = []
+        self._held: list[_Batch] = []
+        self._offered: _Batch | None = None
+        self._last_offer = -math.inf
+        self._seq = 0
+        self._behind_since: float | None = None
+        self.points_confirmed = 0
+        self.offers = 0
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for batch in _metric_batches(metrics, step):
+            self._queue(batch, [])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._queue([], [RunTag(k, str(v)) for k, v in tags.items()])
+
+    @property
+    def pending(self) -> int:
+        """Batches the store has not confirmed yet (in MLflow's queue or held)."""
+        return len(self._in_flight) + len(self._held)
+
+    def _queue(self, metrics: list[Metric], tags: list[RunTag]) -> None:
+        self._seq += 1
+        batch = _Batch(self._seq, metrics, tags)
+        self.poll()
+        if self._held:  # behind a held batch: wait in line
+            self._held.append(batch)
+        else:
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        batch.sent_at = time.monotonic()
+        batch.operation = self.client.log_batch(self.run_id, metrics=batch.metrics, tags=batch.tags, synchronous=False)
+        self._in_flight.append(batch)
+
+    def poll(self) -> None:
+        """Collect what MLflow has finished, without waiting: failed batches are held (in order), the first held
+        one is offered again when due, and the rest follow once an offer lands."""
+        now = time.monotonic()
+        landed = False
+        failures: list[BaseException] = []
+        running: list[_Batch] = []
+        for batch in self._in_flight:
+            futures = batch.operation._operation_futures  # RunOperations has wait() only; these are its futures
+            if not all(f.done() for f in futures):
+                running.append(batch)
+                continue
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                failures.append(errors[0])
+                self._held.append(batch)
+            else:
+                self.points_confirmed += len(batch.metrics)
+                landed = landed or batch is self._offered
+            if batch is self._offered:
+                self._offered = None
+        self._in_flight = running
+        self._held.sort(key=lambda b: b.seq)
+        if failures:
+            self._fall_behind(f"it did not take a batch: {str(failures[0]).splitlines()[0][:300]}")
+        elif running and now - min(b.sent_at for b in running) > self.behind_after_s:
+            self._fall_behind(f"no batch confirmed for {self.behind_after_s:.0f} s")
+        if self._held and landed:  # the store answers again: everything held follows, in order
+            held, self._held = self._held, []
+            for batch in held:
+                self._send(batch)
+        elif self._held and self._offered is None and now - self._last_offer >= self.resend_every_s:
+            self._offered, self._last_offer = self._held.pop(0), now
+            self.offers += 1
+            self._send(self._offered)
+        if self._behind_since is not None and not self.pending:
+            self.say(f"raydino: MLflow at {self.uri} has caught up: every metric point held is in the store "
+                     f"({now - self._behind_since:.0f} s after it fell behind)")
+            self._behind_since = None
+
+    def _fall_behind(self, why: str) -> None:
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+            self.say(f"raydino: warning: tracking is behind: MLflow at {self.uri}: {why}; training goes on, the "
+                     "metrics wait in memory and are sent when it answers")
+
+    def close(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Wait up to ``timeout_s`` for every pending batch (offering held ones again as ``poll`` does); returns
+        the records still unsent (``{"metric", "value", "timestamp", "step"}`` or ``{"tag", "value"}``)."""
+        deadline = time.monotonic() + timeout_s
+        self.poll()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self.poll()
+        return [record for batch in sorted(self._in_flight + self._held, key=lambda b: b.seq) for record in batch.records()]
+
+
+UNSENT_FORMAT = "raydino-unsent-metrics/1"
+
+
+def unsent_text(uri: str, run_id: str, records: list[dict[str, Any]]) -> str:
+    """JSON lines: a header naming the store and the run, then one record per point or tag (``BackgroundLogger.close``)."""
+    header = {"format": UNSENT_FORMAT, "tracking_uri": uri, "run_id": run_id}
+    return "".join(json.dumps(line) + "\n" for line in [header, *records])
+
+
+def replay_unsent(text: str, uri: str | None = None) -> tuple[str, str, int]:
+    """Send a file of ``unsent_text`` to its run (in the store it names, or ``uri``); returns (uri, run_id,
+    records sent). Sending a point twice is harmless: MLflow's stores keep one per (key, step, time, value)."""
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not lines or lines[0].get("format") != UNSENT_FORMAT:
+        raise TrackingError(f"not a file of unsent raydino metrics (its first line is not a {UNSENT_FORMAT} header)")
+    header, records = lines[0], lines[1:]
+    uri = uri or header["tracking_uri"]
+    check_tracking(uri)
+    metrics = [Metric(r["metric"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in records if "metric" in r]
+    tags = [RunTag(r["tag"], str(r["value"])) for r in records if "tag" in r]
+    client = MlflowClient(uri)
+    try:
+        for i in range(0, len(metrics), _BATCH):
+            client.log_batch(header["run_id"], metrics=metrics[i : i + _BATCH])
+        if tags:
+            client.log_batch(header["run_id"], tags=tags)
+    except mlflow.exceptions.MlflowException as exc:  # no such run there, a deleted run, ...
+        raise TrackingError(
+            f"MLflow at {uri} did not take the points for run {header['run_id']}: {str(exc).splitlines()[0][:300]}; "
+            "pass --tracking-uri with the store that holds the run"
+        ) from None
+    return uri, header["run_id"], len(metrics) + len(tags)
 
 
 def search_runs(uri: str, experiment: str, parent_run_id: str | None = None) -> list[dict[str, Any]]:

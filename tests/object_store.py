@@ -80,3 +80,128 @@ def keys(uri: str) -> list[str]:
     fs, path = pafs.FileSystem.from_uri(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(i.path.removeprefix(path.rstrip("/") + "/") for i in infos if i.type == pafs.FileType.File)
+
+
+_FAULTS = ("slowdown", "internal", "dropped")
+_ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+              '<RequestId>raydino-proxy</RequestId></Error>')
+
+
+class FlakyS3:
+    """An HTTP proxy in front of an S3 endpoint that fails a share of requests as a throttled, flaky S3 does:
+    of the requests it has not seen before (method, path, query, byte range), every ``every``-th gets a 503
+    SlowDown, a 500 InternalError or a dropped connection, in turn. A request seen before (a client's retry)
+    always passes: faults are deterministic, and a client that retries always gets through."""
+
+    def __init__(self, target: str, every: int = 5) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.target, self.every = target.removeprefix("http://"), every
+        self.injected = dict.fromkeys(_FAULTS, 0)
+        self.forwarded = 0
+        self._seen: set[tuple[str, ...]] = set()
+        self._new = 0
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _fault(self, key: tuple[str, ...]) -> str | None:
+        with self._lock:
+            if key in self._seen:
+                self.forwarded += 1
+                return None
+            self._seen.add(key)
+            self._new += 1
+            if self._new % self.every:
+                self.forwarded += 1
+                return None
+            fault = _FAULTS[(self._new // self.every) % len(_FAULTS)]
+            self.injected[fault] += 1
+            return fault
+
+    def _handler(self) -> type:
+        import http.client
+        from http.server import BaseHTTPRequestHandler
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if not any(name.lower() == "content-length" for name, _ in headers):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _proxy(self) -> None:
+                body = self._body()
+                key = (self.command, self.path, self.headers.get("Range", ""), str(len(body)))
+                fault = proxy._fault(key)
+                if fault == "dropped":
+                    self.close_connection = True  # no answer at all: the client sees the connection close
+                    return
+                if fault is not None:
+                    code, message, status = (("SlowDown", "Please reduce your request rate.", 503) if fault == "slowdown"
+                                             else ("InternalError", "We encountered an internal error.", 500))
+                    xml = _ERROR_XML.format(code=code, message=message).encode()
+                    self._answer(status, [("Content-Type", "application/xml")], xml)
+                    return
+                upstream = http.client.HTTPConnection(proxy.target, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                kept = [(k, v) for k, v in response.getheaders()
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                upstream.close()
+                self._answer(response.status, kept + ([("Content-Length", length)] if length else []), data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
+
+        return Handler
+
+
+@contextmanager
+def flaky_s3(target: str, every: int = 5) -> Iterator[FlakyS3]:
+    """A ``FlakyS3`` in front of ``target`` for the ``with`` block."""
+    proxy = FlakyS3(target, every)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

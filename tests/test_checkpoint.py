@@ -10,7 +10,6 @@ import torch
 from raydino.config import load_config
 from raydino.step import CheckpointMismatchError, DINOStep
 from raydino.train.checkpoint import (
-    CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
     TrainState,
@@ -33,7 +32,7 @@ def test_round_trip_restores_every_part(tmp_path):
     cfg = load_config(overrides=TINY)
     step_fn = DINOStep.build(cfg, torch.device("cpu"))
     write_checkpoint(tmp_path, _state(step_fn, nonfinite_skipped=2), cfg.to_yaml())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", STATE_FILE]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "manifest.json", STATE_FILE]  # no temp files
     state = read_checkpoint(tmp_path)
     assert (state.step, state.epoch, state.batch_in_epoch, state.nonfinite_skipped) == (7, 1, 3, 2)
     assert state.latest_eval == {"knn_top1": 12.5}
@@ -107,16 +106,51 @@ def test_a_checkpoint_of_another_architecture_is_named_as_such(tmp_path):
 
 def test_the_newest_complete_checkpoint_in_storage_is_the_fallback(tmp_path):
     """What workers restore from when Ray Train recorded no checkpoint (a run stopped between writing one and
-    Ray recording it): the newest directory holding both files; a half-written newer one is passed over."""
-    from raydino.launch.plan import plan_run
+    Ray recording it): the newest directory whose manifest's files are all there at full size. Copies cut
+    short are passed over: a truncated state.pt, a copy the manifest has not reached yet."""
+    import shutil
+
+    from raydino.launch.plan import CHECKPOINT_MANIFEST, checkpoint_complete, plan_run
+    from raydino.stores.locations import locate
     from raydino.train.driver import newest_checkpoint
 
-    plan = plan_run(load_config(overrides=[*TINY_NET, "tracking.run_name=R", f"checkpoint.storage_path={tmp_path}"]))
+    cfg = load_config(overrides=[*TINY_NET, "tracking.run_name=R", f"checkpoint.storage_path={tmp_path}"])
+    plan = plan_run(cfg)
     assert newest_checkpoint(plan, str(tmp_path), None) is None  # no run directory yet
-    for step, files in ((5, (STATE_FILE, CONFIG_FILE)), (10, (STATE_FILE, CONFIG_FILE)), (20, (CONFIG_FILE,))):
-        folder = tmp_path / "R" / f"checkpoint_{step:08d}"
-        folder.mkdir(parents=True)
-        for name in files:
-            (folder / name).write_text("x")
+    state = _state(DINOStep.build(cfg, torch.device("cpu")))
+    run = tmp_path / "R"
+    for step in (5, 10):
+        write_checkpoint(run / f"checkpoint_{step:08d}", state, cfg.to_yaml())
+    truncated, unlisted = run / "checkpoint_00000020", run / "checkpoint_00000030"
+    shutil.copytree(run / "checkpoint_00000010", truncated)
+    data = (truncated / STATE_FILE).read_bytes()
+    (truncated / STATE_FILE).write_bytes(data[: len(data) // 2])
+    shutil.copytree(run / "checkpoint_00000010", unlisted)
+    (unlisted / CHECKPOINT_MANIFEST).unlink()
+
+    assert [checkpoint_complete(locate(run / f"checkpoint_{s:08d}")) for s in (5, 10, 20, 30)] == [True, True, False, False]
     found = newest_checkpoint(plan, str(tmp_path), None)
-    assert found is not None and found.path == str(tmp_path / "R" / "checkpoint_00000010")
+    assert found is not None and found.path == str(run / "checkpoint_00000010")
+    assert read_checkpoint(found.path).step == state.step
+
+
+def test_a_full_or_read_only_storage_is_named_with_the_last_good_checkpoint(tmp_path):
+    import errno
+
+    from raydino.launch.plan import plan_run
+    from raydino.train.driver import storage_failure_message
+
+    cfg = load_config(overrides=[*TINY_NET, "tracking.run_name=R", f"checkpoint.storage_path={tmp_path}"])
+    plan = plan_run(cfg)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert storage_failure_message(full, plan) == (
+        f"checkpoint storage {tmp_path / 'R'} is full (No space left on device): the run stopped at its next "
+        "checkpoint; it has no complete checkpoint yet. Free space there (or move the run directory to "
+        "checkpoint.storage_path elsewhere) and run again with tracking.run_name=R to resume from it")
+    write_checkpoint(tmp_path / "R" / "checkpoint_00000004", _state(DINOStep.build(cfg, torch.device("cpu"))), cfg.to_yaml())
+    (tmp_path / "R" / "checkpoint_00000008").mkdir()  # the copy the full disk cut short
+    message = storage_failure_message(OSError(errno.EROFS, "Read-only file system"), plan)
+    assert message is not None and "is read-only (Read-only file system)" in message
+    assert f"the last good checkpoint is {tmp_path / 'R' / 'checkpoint_00000004'}." in message
+    assert storage_failure_message(OSError(errno.ECONNRESET, "reset"), plan) is None
+    assert storage_failure_message(ValueError("no"), plan) is None

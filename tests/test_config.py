@@ -72,6 +72,13 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(overrides=[override])
 
 
+def test_a_registered_model_needs_the_logged_model():
+    with pytest.raises(ConfigError, match="tracking.register_model='dino' registers the MLflow model that "
+                                          "tracking.log_model=false turns off"):
+        load_config(overrides=["tracking.register_model=dino", "tracking.log_model=false"])
+    assert load_config(overrides=["tracking.register_model=dino"]).tracking.log_model
+
+
 def test_local_crops_larger_than_the_global_ones_are_refused_only_when_there_are_local_crops():
     with pytest.raises(ConfigError, match="local_size=64 exceeds data.crops.global_size=16"):
         load_config(overrides=["data.crops.local_number=2", "data.crops.local_size=64"])

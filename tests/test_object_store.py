@@ -12,13 +12,28 @@ from mlflow import MlflowClient
 
 from raydino.config import load_config, with_overrides
 from raydino.data.sources import imagefolder_dataset, list_imagefolder
-from raydino.launch.plan import check_data_path, plan_run, standard_eval_paths
+from raydino.launch.plan import (
+    check_data_path,
+    checkpoint_complete,
+    checkpoint_folders,
+    plan_run,
+    standard_eval_paths,
+)
 from raydino.pretrain import pretrain
-from raydino.stores.locations import locate
+from raydino.stores.locations import locate, read_file
 from raydino.stores.objectstore import ObjectStoreError
 from raydino.stores.run_storage import join_storage, resolve_storage
+from raydino.train.checkpoint import STATE_FILE, read_checkpoint
 from tests.images import small_imagefolder
-from tests.object_store import CREDENTIALS, create_bucket, free_port, keys, moto_endpoint_with_auth, upload
+from tests.object_store import (
+    CREDENTIALS,
+    create_bucket,
+    flaky_s3,
+    free_port,
+    keys,
+    moto_endpoint_with_auth,
+    upload,
+)
 from tests.tiny import TINY_RUN
 
 
@@ -96,10 +111,23 @@ def test_a_uri_pyarrow_cannot_open_is_named():
         locate("nosuchscheme://x/y")
 
 
+@pytest.fixture
+def flaky(s3):
+    """A FlakyS3 in front of the module's S3: every 5th new request fails."""
+    with flaky_s3(s3, every=5) as proxy:
+        yield proxy
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucket, tmp_path):
+def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucket, s3, flaky, tmp_path, monkeypatch):
+    """Through an S3 that throttles and fails: every 5th new request gets a 503 SlowDown, a 500 or a dropped
+    connection (tests/object_store.FlakyS3). The clients' retries (pyarrow's S3 retry strategy, Ray Data's
+    retried I/O errors, Ray Train's checkpoint upload retries) carry both runs through; only the one corrupt
+    object is skipped, and every checkpoint in the bucket is complete and reads back."""
     create_bucket("checkpoints")
+    proxy = flaky
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # what the driver resolves and hands to Ray
     cfg = load_config(overrides=[
         *TINY_RUN, "data.batch_size_per_worker=8", "data.crop_batch_size=32", "eval.max_images=60",
         "data.source=imagefolder", f"data.path={bucket}/train", "checkpoint.storage_path=s3://checkpoints/runs",
@@ -122,3 +150,15 @@ def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucke
     # resumed from the checkpoint in the bucket: every step logged once, none trained twice
     assert history == list(range(1, 2 * steps_per_epoch + 1)), history
     assert second.mlflow_run_id == first.mlflow_run_id
+    assert second.result.skipped_images == 1  # the corrupt object only, not the objects whose reads failed
+    print(f"S3 faults injected: {proxy.injected}, requests passed: {proxy.forwarded}")
+    assert all(n > 0 for n in proxy.injected.values()), proxy.injected
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    folders = checkpoint_folders("s3://checkpoints/runs/from-s3")
+    assert folders and all(checkpoint_complete(folder) for folder in folders), [f.uri for f in folders]
+    for folder in folders:
+        local = tmp_path / folder.name
+        local.mkdir()
+        (local / STATE_FILE).write_bytes(read_file(folder.child(STATE_FILE).path, folder.filesystem))
+        assert read_checkpoint(local).step == int(folder.name.rsplit("_", 1)[1])

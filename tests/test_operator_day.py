@@ -266,3 +266,37 @@ def test_ray_noise_filter_drops_what_every_run_printed_and_keeps_ours():
     assert printed == [{"lines": ours, "pid": 1, "is_err": True}]
     _without_noise(printed.append)({"lines": SEEN_ON_THE_CONSOLE, "pid": "raylet", "is_err": False})
     assert len(printed) == 1  # nothing left: nothing printed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_full_checkpoint_disk_ends_the_run_in_one_line_naming_the_last_good_checkpoint(ray_session, tmp_path):
+    """Storage on a 1.2 MB tmpfs: checkpoints 3 and 6 (0.5 MB each) fit, 9 does not. Before: a pyarrow OSError
+    and the run directory; the half-copied checkpoint_00000009 would have been resumed from."""
+    from raydino.launch.plan import checkpoint_complete
+    from raydino.stores.locations import locate
+    from raydino.train.checkpoint import read_checkpoint
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({mounted.stderr.strip()}): this test needs root")
+    try:
+        cfg = load_config(overrides=[*TINY_RUN, "optim.epochs=1", "checkpoint.every_steps=3", "checkpoint.max_failures=0",
+                                     "tracking.run_name=full", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                     f"checkpoint.storage_path={disk}"])
+        with pytest.raises(PretrainError) as failed:
+            pretrain(cfg, log=lambda _: None)
+        message, run = str(failed.value), disk / "full"
+        assert "\n" not in message, message
+        assert f"checkpoint storage {run} is full (No space left on device)" in message, message
+        assert f"the last good checkpoint is {run / 'checkpoint_00000006'}." in message, message
+        assert "run again with tracking.run_name=full to resume" in message
+        assert read_checkpoint(run / "checkpoint_00000006").step == 6  # readable
+        assert not checkpoint_complete(locate(run / "checkpoint_00000009"))  # cut short: never resumed from
+        [mlflow_run] = _runs(tmp_path)
+        assert mlflow_run.info.status == "FAILED"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -47,7 +47,8 @@ def trained(ray_session, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e",
                f"checkpoint.storage_path={tmp_path / 'runs'}", "loss.method=ibot", "loss.vmf=true",
-               "tracking.progress_seconds=0.001", "tracking.system_metrics=true")  # a progress window every step
+               "tracking.progress_seconds=0.001", "tracking.system_metrics=true",  # a progress window every step
+               "tracking.log_model=true")  # the one end-to-end run that logs the MLflow model
     loads = []
 
     with pytest.MonkeyPatch.context() as mp:  # count the evaluation-data loads of the whole run
@@ -91,6 +92,12 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     assert {"plots", "model", "checkpoint"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"kappa_histogram.png", "prototype_usage.png", "loss_curve.png", "attention_grid.png"} <= plots
+
+    # the teacher backbone is an MLflow model of the run, in the run's experiment (tests/test_mlflow_model.py: it
+    # loads back and embeds like the teacher)
+    assert summary.model is not None
+    logged = client.get_logged_model(summary.model.model_uri.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id and logged.experiment_id == run.info.experiment_id
 
     # the exported backbone loads into timm and reproduces the checkpoint teacher's features
     export = summary.export_path

@@ -68,7 +68,8 @@ def test_rehearsal_on_an_autoscaling_cluster(tmp_path, monkeypatch):
     # the cluster inherits this environment: drop conftest's short worker-group start timeout, which an
     # autoscaling cluster (nodes start while Ray Train waits) would hit
     monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
-    report = rehearse(CLUSTER, tmp_path, per_class=100, timeout=900)
+    # one trial (the command's default is two): one GPU node and one CPU node show the autoscaler at work
+    report = rehearse(CLUSTER, tmp_path, per_class=8, timeout=900, seeds=1)
     print("\n".join(report.lines()))
     assert report.job_status == "SUCCEEDED"
     types = [n["type"] for n in report.nodes]
@@ -76,7 +77,7 @@ def test_rehearsal_on_an_autoscaling_cluster(tmp_path, monkeypatch):
     first_train_node = min(n["start_s"] for n in report.nodes if n["type"] == "gpu_worker")
     # submitted to a head with no CPU: the trials waited (PENDING) until the autoscaler added nodes
     assert min(n["start_s"] for n in report.nodes) > 0
-    assert len(report.trial_starts) == 2 and min(report.trial_starts) >= first_train_node - 1.0, report.lines()
+    assert len(report.trial_starts) == 1 and min(report.trial_starts) >= first_train_node - 1.0, report.lines()
     assert report.crop_actor_nodes and set(report.crop_actor_nodes) == {"cpu_worker"}, report.lines()
-    assert sorted(report.runs.values()) == ["FINISHED"] * 3, report.runs  # the parent and both children
+    assert sorted(report.runs.values()) == ["FINISHED"] * 2, report.runs  # the parent and its child
     assert report.processes_stopped > 0 and not _marked_processes(report.marker)

@@ -17,5 +17,7 @@ NO_WARMUP = [
     "optim.freeze_last_layer_epochs=0",
     "loss.warmup_teacher_temp_epochs=0",
 ]
-TINY_RUN = [*TINY_NET, *NO_WARMUP]
-"""A tiny network with every warm-up and freeze off: what the end-to-end runs train."""
+TINY_RUN = [*TINY_NET, *NO_WARMUP, "tracking.log_model=false"]
+"""A tiny network with every warm-up and freeze off: what the end-to-end runs train. Without the MLflow
+model (its torch.export costs the driver ~4 s of CPU per run, after training): the module fixture of
+tests/test_pretrain_e2e.py logs it end to end, tests/test_mlflow_model.py tests it in depth."""

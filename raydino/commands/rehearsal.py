@@ -12,8 +12,9 @@ geometry, the ``imagenet_vit_small`` code path at tiny sizes.
    ``RAY_FAKE_CLUSTER=1`` (Ray's documented way for ``fake_multinode``; ``ray up`` itself only
    drives the Docker variant, ``fake_multinode_docker``, which needs Docker): Ray's real monitor
    and autoscaler add and remove nodes as local raylets;
-3. submits a two-trial DINO-vMF sweep (``sweeps/kappa_ablation.py``, probability centering with
-   vMF) with ``ray job submit --working-dir``; the trials wait as PENDING until nodes come up;
+3. submits a DINO-vMF sweep (``sweeps/kappa_ablation.py``, probability centering with vMF; two
+   trials, ``--seeds`` to change) with ``ray job submit`` (without the ``--working-dir`` a real cluster
+   takes: the fake nodes share this disk); the trials wait as PENDING until nodes come up;
 4. reads back what happened: job status, nodes added and when, where the crop actors ran, the
    MLflow parent and child runs; then stops every process of the rehearsal cluster (by an
    environment marker: ``ray stop`` would stop every Ray on the machine).
@@ -213,13 +214,13 @@ class FakeCluster:
         return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def sweep_command(data: Path, storage: Path, tracking_uri: str, name: str) -> list[str]:
+def sweep_command(data: Path, storage: Path, tracking_uri: str, name: str, seeds: int = 2) -> list[str]:
     """README's cluster sweep at rehearsal sizes: the imagenet_vit_small preset, one DINO-vMF arm
-    (probability centering, auto) with two seeds; only sizes and counts overridden, plus what no GPU
-    forces (``scaling.use_gpu=false``, the stand-in resource per worker)."""
+    (probability centering, auto) with ``seeds`` seeds (a trial each, on a GPU node each); only sizes and
+    counts overridden, plus what no GPU forces (``scaling.use_gpu=false``, the stand-in resource per worker)."""
     return [
         "python", str(REPO / "sweeps" / "kappa_ablation.py"), "--preset", "imagenet_vit_small", "--data", str(data),
-        "--methods", "dino-vmf", "--prototypes", "unnormalised", "--centerings", "auto", "--seeds", "2",
+        "--methods", "dino-vmf", "--prototypes", "unnormalised", "--centerings", "auto", "--seeds", str(seeds),
         "--epochs", "1", "--name", name, "--experiment", EXPERIMENT, "--storage", str(storage), "--tracking-uri", tracking_uri,
         "--out", str(storage.parent / "report"),
         "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
@@ -280,8 +281,11 @@ def _ray(cluster: FakeCluster, *args: str, timeout: float) -> subprocess.Complet
                           timeout=timeout, cwd=REPO)
 
 
-def rehearse(cluster_yaml: Path, workdir: Path, per_class: int = 100, timeout: float = 1200.0) -> RehearsalReport:
-    """Run the rehearsal (see the module docstring); RehearsalError if the job did not succeed."""
+def rehearse(
+    cluster_yaml: Path, workdir: Path, per_class: int = 100, timeout: float = 1200.0, seeds: int = 2
+) -> RehearsalReport:
+    """Run the rehearsal (see the module docstring) with ``seeds`` trials; RehearsalError if the job did not
+    succeed."""
     cluster = yaml.safe_load(Path(cluster_yaml).read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "imagenet"
@@ -295,7 +299,7 @@ def rehearse(cluster_yaml: Path, workdir: Path, per_class: int = 100, timeout: f
     try:
         fake.start()
         job_id = f"rehearsal-{fake.marker}"
-        command = sweep_command(data / "train", workdir / "runs", tracking_uri, "rehearsal")
+        command = sweep_command(data / "train", workdir / "runs", tracking_uri, "rehearsal", seeds)
         agent_deadline = time.monotonic() + 120
         while True:  # a fresh head takes some seconds before its job agent accepts submissions
             # no --working-dir here, unlike on a real cluster: fake nodes share one disk and one session
@@ -376,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="rehearsal", help="data, MLflow store and checkpoints (default ./rehearsal)")
     parser.add_argument("--images-per-class", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before the job is stopped")
+    parser.add_argument("--seeds", type=int, default=2, help="trials of the sweep, one GPU node each (default 2)")
     args = parser.parse_args(argv)
     try:
-        report = rehearse(Path(args.cluster_yaml), Path(args.workdir).resolve(), args.images_per_class, args.timeout)
+        report = rehearse(Path(args.cluster_yaml), Path(args.workdir).resolve(), args.images_per_class, args.timeout,
+                           args.seeds)
     except RehearsalError as exc:
         print(f"raydino: rehearsal failed: {exc}", file=sys.stderr)
         return 1

@@ -261,10 +261,29 @@ class TrackingConfig(_Section):
         30.0, gt=0.0, description="rank 0 prints a progress line (images/s, data wait, ETA) this often within an epoch"
     )
     system_metrics: bool = Field(False, description="MLflow's system metrics (CPU, memory, GPU) for the run")
+    flush_timeout_s: float = Field(
+        60.0, ge=0.0,
+        description="at the end of training, how long rank 0 waits for metrics MLflow has not confirmed; the rest "
+        "is written to a file in the run directory (raydino replay-metrics sends it later)",
+    )
+    log_model: bool = Field(
+        True,
+        description="log the teacher backbone as an MLflow model at the end (a torch.export program: seconds of CPU "
+        "per run; the safetensors export is logged either way)",
+    )
     register_model: str | None = Field(
         None, min_length=1,
         description="register the run's teacher backbone (an MLflow model) as a new version of this registered model",
     )
+
+    @model_validator(mode="after")
+    def _registered_model_is_logged(self) -> TrackingConfig:
+        if self.register_model is not None and not self.log_model:
+            raise ValueError(
+                f"tracking.register_model={self.register_model!r} registers the MLflow model that "
+                "tracking.log_model=false turns off: set tracking.log_model=true or drop register_model"
+            )
+        return self
 
 
 class EvalConfig(_Section):

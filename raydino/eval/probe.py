@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray
@@ -52,6 +51,10 @@ def linear_probe_top1(
         raise ValueError("features and labels must have the same number of rows")
     if x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"train/test feature dims differ: {x_train.shape[1]} vs {x_test.shape[1]}")
+    # imported here: every training worker imports this module for its kNN (raydino.eval.evaluate), only the
+    # final evaluation fits a probe, and scikit-learn costs each worker ~0.8 s of CPU at start-up
+    from sklearn.linear_model import LogisticRegression
+
     clf = LogisticRegression(C=C, max_iter=max_iter)
     clf.fit(x_train, y_train)
     return 100.0 * float(np.mean(clf.predict(x_test) == y_test))

@@ -110,6 +110,31 @@ def checkpoint_folders(run_dir: str) -> list[DataLocation]:
     return [location.child(name) for name in names]
 
 
+CHECKPOINT_MANIFEST = "manifest.json"
+"""Written last into every checkpoint: the name and size of each other file (``raydino.train.checkpoint``)."""
+
+
+def checkpoint_complete(folder: DataLocation) -> bool:
+    """Whether a checkpoint directory holds its manifest and every file it lists at its full size. Ray Train
+    copies a checkpoint into storage file by file: a copy cut short (a full disk, a stopped process) leaves
+    a directory that must not be resumed from."""
+    import json
+
+    manifest = folder.child(CHECKPOINT_MANIFEST)
+    if manifest.kind() != "file":
+        return False
+    try:
+        files = json.loads(read_file(manifest.path, manifest.filesystem))["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+    return bool(files) and all(folder.child(name).size() == size for name, size in files.items())
+
+
+def last_complete_checkpoint(run_dir: str) -> DataLocation | None:
+    """The run's newest complete checkpoint directory (``checkpoint_complete``); None if it has none."""
+    return next((folder for folder in checkpoint_folders(run_dir) if checkpoint_complete(folder)), None)
+
+
 def latest_checkpoint_config(run_dir: str) -> tuple[str, Config] | None:
     """(name, config) of the newest ``checkpoint_*`` directory of a run that holds a config; None for a
     run without checkpoints. Local or remote storage alike (the file is read on the driver)."""

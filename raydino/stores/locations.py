@@ -59,6 +59,14 @@ class DataLocation:
         info = file_info(self.filesystem, self.path, self.uri)
         return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(info.type, "missing")
 
+    def size(self) -> int | None:
+        """The file's size in bytes; None if it is not a file."""
+        if not self.remote:
+            local = Path(self.path)
+            return local.stat().st_size if local.is_file() else None
+        info = file_info(self.filesystem, self.path, self.uri)
+        return info.size if info.type == pafs.FileType.File else None
+
     def subdirectories(self) -> list[str]:
         """Sorted names of the directories directly under this one, hidden ones excluded."""
         if not self.remote:

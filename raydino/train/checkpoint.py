@@ -10,6 +10,7 @@ pickled objects, so opening a checkpoint cannot run code.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -22,6 +23,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from raydino.launch.plan import CHECKPOINT_MANIFEST
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -109,13 +112,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_checkpoint(directory: Path, state: TrainState, config_yaml: str) -> Path:
-    """Write ``state.pt`` and ``config.yaml`` atomically into ``directory``."""
+    """Write ``state.pt`` and ``config.yaml`` atomically into ``directory``, then ``manifest.json`` with their
+    sizes: in storage, a checkpoint is complete only when every file it lists is there at its full size
+    (``raydino.launch.plan.checkpoint_complete``)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **{f.name: getattr(state, f.name) for f in fields(state)}}
     with atomic_file(directory / STATE_FILE) as f:
         torch.save(payload, f)
     with atomic_file(directory / CONFIG_FILE) as f:
         f.write(config_yaml.encode())
+    sizes = {name: (directory / name).stat().st_size for name in (STATE_FILE, CONFIG_FILE)}
+    with atomic_file(directory / CHECKPOINT_MANIFEST) as f:
+        f.write(json.dumps({"files": sizes}).encode())
     return directory
 
 

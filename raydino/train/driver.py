@@ -6,6 +6,7 @@ a dataset smaller than one batch fails here, before the first worker starts.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -29,12 +30,11 @@ from raydino.data.pipeline import epoch_stream, multicrop_dataset
 from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
 from raydino.launch.capacity import cluster_capacity, fit_verdict
-from raydino.launch.plan import RunPlan, checkpoint_folders
+from raydino.launch.plan import RunPlan, last_complete_checkpoint
 from raydino.step import TrainingDiverged
 from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
-from raydino.train.checkpoint import CONFIG_FILE, STATE_FILE
 from raydino.train.entry import train_loop
-from raydino.train.loop import WorkerPlan
+from raydino.train.loop import WorkerPlan, download_checkpoint
 
 
 class PretrainError(RuntimeError):
@@ -269,6 +269,26 @@ def _diverged_message(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EROFS: "is read-only",
+                   errno.EACCES: "is not writable", errno.EPERM: "is not writable"}
+
+
+def storage_failure_message(exc: BaseException, plan: RunPlan) -> str | None:
+    """A checkpoint the run could not write (a full, read-only or forbidden storage): one line with the path,
+    the last good checkpoint (complete in storage, see ``checkpoint_complete``) and how to go on."""
+    root = _root_cause(exc)
+    what = _STORAGE_ERRNOS.get(getattr(root, "errno", None))
+    if not isinstance(root, OSError) or what is None:
+        return None
+    last = last_complete_checkpoint(plan.run_dir)
+    good = f"the last good checkpoint is {last.uri}" if last is not None else "it has no complete checkpoint yet"
+    return (
+        f"checkpoint storage {plan.run_dir} {what} ({os.strerror(root.errno)}): the run stopped at its next "
+        f"checkpoint; {good}. Free space there (or move the run directory to checkpoint.storage_path elsewhere) "
+        f"and run again with tracking.run_name={plan.run_name} to resume from it"
+    )
+
+
 def _start_timeout_message(exc: BaseException, cfg: Config) -> str | None:
     """Ray Train's worker-group start or Ray Data's crop-actor start that ran out of
     ``scaling.start_timeout_s``: what the run needed and what the cluster had free when it gave up."""
@@ -312,16 +332,16 @@ def _local_checkpoint(checkpoint: ray.train.Checkpoint | None, storage: str, loc
         return None
     if not is_remote(storage):
         return Path(checkpoint.path)
-    return Path(checkpoint.to_directory(str(local_run_dir / Path(checkpoint.path).name)))
+    return download_checkpoint(checkpoint, local_run_dir / Path(checkpoint.path).name)
 
 
 def newest_checkpoint(plan: RunPlan, storage_path: str, filesystem: Any) -> ray.train.Checkpoint | None:
-    """The run's newest complete checkpoint in storage (``state.pt`` and ``config.yaml`` both there), whether
+    """The run's newest complete checkpoint in storage (its manifest's files all there at full size), whether
     or not Ray Train recorded it; None for a run without one. Workers restore from it only when Ray offers none."""
-    for folder in checkpoint_folders(plan.run_dir):
-        if folder.child(STATE_FILE).kind() == "file" and folder.child(CONFIG_FILE).kind() == "file":
-            return ray.train.Checkpoint(path=join_storage(storage_path, plan.run_name, folder.name), filesystem=filesystem)
-    return None
+    folder = last_complete_checkpoint(plan.run_dir)
+    if folder is None:
+        return None
+    return ray.train.Checkpoint(path=join_storage(storage_path, plan.run_name, folder.name), filesystem=filesystem)
 
 
 def run_pretraining(
@@ -370,7 +390,9 @@ def run_pretraining(
     eval_data = load_eval_data(cfg)  # once per run: the final evaluation gets it from TrainResult
     storage_path, storage_filesystem = ray_storage(plan.storage)
     worker_plan = WorkerPlan(cfg, steps_per_epoch, clock, eval_data, plan.tracking_uri, plan.mlflow_run_id,
-                             resume_from=newest_checkpoint(plan, storage_path, storage_filesystem))
+                             resume_from=newest_checkpoint(plan, storage_path, storage_filesystem), run_dir=plan.run_dir,
+                             run_dir_location=(join_storage(storage_path, plan.run_name), storage_filesystem),
+                             tracking_env={k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
     trainer = build_trainer(
         cfg,
         dataset,
@@ -399,6 +421,9 @@ def run_pretraining(
         raise
     except Exception as exc:  # Ray wraps worker errors; surface the one the user can act on
         root = _root_cause(exc)
+        storage = storage_failure_message(exc, plan)
+        if storage is not None:
+            raise PretrainError(f"training failed: {storage}") from exc
         message = (_diverged_message(exc) or _start_timeout_message(exc, cfg)
                    or f"{type(root).__name__}: {str(root)[-2000:]}")
         raise PretrainError(f"training failed: {message}\n(full logs: {plan.run_dir})") from exc

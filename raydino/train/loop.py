@@ -9,17 +9,21 @@ rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -33,8 +37,17 @@ from raydino.eval.evaluate import evaluate_network
 from raydino.eval.prototypes import kappa_statistics
 from raydino.models import normalize_crops
 from raydino.step import DINOStep, NonFiniteGuard, NonFiniteLossError
-from raydino.train.checkpoint import TrainState, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from raydino.train.checkpoint import (
+    TrainState,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from raydino.train.progress import ProgressMeter
+
+if TYPE_CHECKING:
+    from raydino.tracking import BackgroundLogger
 
 CHECKPOINT_PREFIX = "checkpoint"
 
@@ -54,6 +67,37 @@ class WorkerPlan:
     """The newest checkpoint in the run's storage, for a restore when Ray Train has none on record: a run
     stopped (SIGTERM, Ctrl-C) after a checkpoint was written but before Ray's controller recorded it
     would otherwise start again from step 0 (Ray Train v2's documented pattern for resuming)."""
+    run_dir: str = ""
+    """The run's directory (local path or URI), as the user sees it: where unsent metrics are written."""
+    run_dir_location: tuple[str, Any] = ("", None)
+    """``run_dir`` as (path, pyarrow filesystem or None for a local path), resolved by the driver."""
+    tracking_env: dict[str, str] = field(default_factory=dict)
+    """The driver's ``MLFLOW_*`` variables (credentials, request retries and timeouts), set on rank 0 before it
+    logs: workers on other nodes do not inherit the driver's environment."""
+
+
+def download_checkpoint(checkpoint: Any, directory: str | os.PathLike[str]) -> Path:
+    """A Ray Train ``Checkpoint`` copied into a local ``directory``, retried with backoff on the object-store
+    errors Ray Data retries (``DataContext.retried_io_errors``: SlowDown, 503, internal and connection
+    failures). The S3 client retries each request, but a body cut short mid-download surfaces as an error
+    the client does not retry (seen under injected faults: "Failed to flush response stream")."""
+    from ray._common.retry import call_with_retry  # Ray Train's own retry of checkpoint uploads
+
+    errors = list(ray.data.DataContext.get_current().retried_io_errors)
+    target = str(directory)
+    return Path(call_with_retry(lambda: checkpoint.to_directory(target), "download the checkpoint", match=errors,
+                                max_attempts=5, max_backoff_s=8))
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint: Any) -> Iterator[Path]:
+    """A Ray Train ``Checkpoint`` as a local directory: its own path on a local disk, else a retried download
+    (``download_checkpoint``) into a temporary directory removed afterwards."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="raydino-restore-") as tmp:
+        yield download_checkpoint(checkpoint, tmp)
 
 
 def _say(line: str) -> None:
@@ -108,9 +152,10 @@ class _Worker:
         self.logged_upto = -1  # steps at or below were logged by an earlier attempt: one history, no repeats
         self.stop_system_metrics = None
         if self.rank == 0 and plan.tracking_uri and plan.mlflow_run_id:
-            from raydino.tracking import RunLogger, start_system_metrics
+            from raydino.tracking import BackgroundLogger, start_system_metrics
 
-            self.logger = RunLogger(plan.tracking_uri, plan.mlflow_run_id)
+            os.environ.update(plan.tracking_env)
+            self.logger = BackgroundLogger(plan.tracking_uri, plan.mlflow_run_id, _say)
             if self.cfg.tracking.system_metrics:
                 interval = min(10.0, max(1.0, self.cfg.tracking.progress_seconds))
                 self.stop_system_metrics = start_system_metrics(plan.tracking_uri, plan.mlflow_run_id, interval)
@@ -126,7 +171,7 @@ class _Worker:
         checkpoint = ray.train.get_checkpoint() or self.plan.resume_from
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as directory:
+        with checkpoint_directory(checkpoint) as directory:
             state = read_checkpoint(directory, map_location=self.device)
         self.step_fn.load_state_dict(state.models())
         self.step, self.epoch, self.batch_in_epoch = state.position(self.plan.steps_per_epoch)
@@ -275,6 +320,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if worker.stop_system_metrics is not None:
             worker.stop_system_metrics()
+        if worker.logger is not None:
+            _flush_tracking(worker.logger, plan)
+
+
+def _flush_tracking(logger: BackgroundLogger, plan: WorkerPlan) -> None:
+    """Wait (``tracking.flush_timeout_s`` at most) for the metrics MLflow has not confirmed; what is still unsent
+    goes to a JSON-lines file in the run directory, named in one line (nothing dropped silently)."""
+    records = logger.close(plan.cfg.tracking.flush_timeout_s)
+    if not records:
+        return
+    from raydino.tracking import unsent_text
+
+    name = f"unsent_metrics_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.jsonl"
+    text = unsent_text(logger.uri, logger.run_id, records)
+    path, filesystem = plan.run_dir_location
+    filesystem = filesystem or pafs.LocalFileSystem()
+    try:
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{name}") as out:
+            out.write(text.encode())
+    except OSError as exc:
+        _say(f"raydino: warning: {len(records)} metric points and tags never reached MLflow at {logger.uri}, and "
+             f"writing them to {plan.run_dir}/{name} failed ({exc}); the last of them: {text[-2000:]}")
+        return
+    _say(f"raydino: warning: {len(records)} metric points and tags did not reach MLflow at {logger.uri} within "
+         f"tracking.flush_timeout_s={plan.cfg.tracking.flush_timeout_s:g}: written to {plan.run_dir}/{name} "
+         f"(send them when it answers: raydino replay-metrics {plan.run_dir}/{name})")
 
 
 def _train(worker: _Worker, plan: WorkerPlan, stream: Iterator[dict[str, torch.Tensor]], names: list[str]) -> None:
