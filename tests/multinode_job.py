@@ -3,8 +3,11 @@
 Run by tests/test_multinode.py: a test process holds the session's single-node Ray, and a
 process can join only one Ray. Layout, as cluster.yaml's node types: a head with no CPU
 for tasks, "train" nodes (one ``train_node`` resource each, standing in for a GPU node), and
-a CPU-only "data" node (``data_node``) for the multi-crop actors. A train worker's node is removed, without grace, after the first
-checkpoint (the restart costs about a minute on 2 cores); Ray Train restarts the workers from it.
+a CPU-only "data" node (``data_node``) for the multi-crop actors. Each train node has its own fake EC2
+metadata service (tests/fake_imds.py, named by AWS_EC2_METADATA_SERVICE_ENDPOINT in the node's environment,
+as 169.254.169.254 is per instance). After the first checkpoint, one train worker's node gets a spot
+interruption notice; once the run has checkpointed for it, the node is removed without grace (the
+restart costs about a minute on 2 cores) and Ray Train restarts the workers from that checkpoint.
 Prints one JSON line: placement, the fault, steps, history.
 
     python tests/multinode_job.py WORKDIR
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -28,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from raydino.config import load_config
 from raydino.pretrain import pretrain
 from raydino.train.driver import quiet_ray_data
+from tests.fake_imds import FakeIMDS
 from tests.tiny import TINY_RUN
 
 TINY = [
     *TINY_RUN,
-    "data.batch_size_per_worker=64",
-    "data.crop_batch_size=64",
+    "data.batch_size_per_worker=32",  # 21 steps an epoch: the notice's checkpoint comes well before its end
+    "data.crop_batch_size=32",
     "eval.every_epochs=0",
     "tracking.log_every_steps=1",
     "scaling.num_workers=2",
@@ -41,7 +46,9 @@ TINY = [
     "scaling.placement_strategy=SPREAD",
     "data.crop_actor_resources={data_node: 1}",
     "checkpoint.every_steps=4",
+    "checkpoint.notice_poll_s=0.5",
 ]
+NOTICE_S = 20  # the notice's deadline: Ray Train stops waiting for the preempted workers then and restarts
 
 
 def _actors(class_fragment: str) -> list[dict]:
@@ -63,19 +70,25 @@ def _committed_checkpoints(run_dir: Path) -> list[str]:
 
 
 def main(workdir: Path) -> None:
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"  # Ray Train's drain poll (5 s by default)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no training
+    imds = [FakeIMDS().__enter__() for _ in range(3)]
     # three train nodes: two for the run, one to take over from the node that is removed
-    train_nodes = [cluster.add_node(num_cpus=2, resources={"train_node": 1}) for _ in range(3)]
+    train_nodes = [cluster.add_node(num_cpus=2, resources={"train_node": 1},
+                                    env_vars={"AWS_EC2_METADATA_SERVICE_ENDPOINT": service.endpoint})
+                   for service in imds]
     data_node = cluster.add_node(num_cpus=2, resources={"data_node": 1})
     os.environ["RAY_ADDRESS"] = cluster.address  # Ray's helper processes join this cluster, not another on the machine
     try:
-        run(cluster, train_nodes, data_node, workdir)
+        run(cluster, train_nodes, data_node, dict(zip([n.node_id for n in train_nodes], imds)), workdir)
     finally:  # leave no raylets behind, whatever happened
         ray.shutdown()
         cluster.shutdown()
+        for service in imds:
+            service.__exit__()
 
 
-def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -> None:
+def run(cluster: Cluster, train_nodes: list, data_node: object, imds: dict[str, FakeIMDS], workdir: Path) -> None:
     ray.init(address=cluster.address)
     quiet_ray_data()
     node_kind = {n.node_id: f"train{i}" for i, n in enumerate(train_nodes)} | {data_node.node_id: "data",
@@ -95,13 +108,39 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
             time.sleep(0.2)
         raise TimeoutError(f"no checkpoint at step >= {min_step} in time")
 
+    def wait_for_tag(key: str, deadline: float) -> str:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(cfg.tracking.uri)
+        while time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+            runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'faults'") if experiment else []
+            if runs and key in runs[0].data.tags:
+                return runs[0].data.tags[key]
+            time.sleep(0.2)
+        raise TimeoutError(f"no tag {key} in time")
+
     def inject_fault() -> None:
-        """Remove a train worker's node, without grace, after the first committed checkpoint."""
+        """After the first committed checkpoint, a spot notice on a train worker's node; once a checkpoint past
+        it is committed, the node is removed without grace."""
         deadline = time.monotonic() + 400
         checkpoints = wait_for_checkpoint(1, deadline)
         alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
         victim = next(n for n in train_nodes if n.node_id == alive[0]["node_id"])
-        faults.append({"fault": "remove node", "node": node_kind[victim.node_id], "after": checkpoints,
+        service = imds[victim.node_id]
+        given = time.time()
+        service.give_notice(NOTICE_S)
+        print(f"multinode_job: spot notice on {node_kind[victim.node_id]} after {checkpoints}", file=sys.stderr, flush=True)
+        event = wait_for_tag("raydino.preemption", deadline)  # "... seen at step N: checkpoint at step N"
+        step = int(re.search(r"checkpoint at step (\d+)", event).group(1))
+        after_notice = wait_for_checkpoint(step, deadline)
+        # when the checkpoint was written (its manifest's time), not when this thread saw it
+        committed = (run_dir / f"checkpoint_{step:08d}" / "manifest.json").stat().st_mtime
+        faults.append({"fault": "spot notice, then node removed", "node": node_kind[victim.node_id],
+                       "event": event, "checkpoint_step": step, "notice_given_at": given,
+                       "notice_served_at": service.first_served,
+                       "checkpoint_committed_at": committed,
+                       "before_notice": checkpoints, "after": after_notice,
                        "workers_on": sorted(node_kind[a["node_id"]] for a in alive),
                        # every crop actor started so far, alive or not: the run has fed a checkpointed step,
                        # so there is at least one, whatever moment of its pool's lifecycle this is
@@ -119,10 +158,16 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
     crop_actors = _actors("MapWorker")
     from mlflow import MlflowClient
 
-    history = [m.step for m in MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "loss")]
+    losses = MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "loss")
+    history = [m.step for m in losses]
+    for fault in faults:  # steps that ended after the notice was given, up to the checkpoint's step
+        fault["steps_from_notice_to_checkpoint"] = sum(
+            m.step <= fault["checkpoint_step"] and m.timestamp / 1000 > fault["notice_given_at"] for m in losses)
+        fault["notice_to_checkpoint_s"] = fault["checkpoint_committed_at"] - fault["notice_given_at"]
+        fault["served_to_checkpoint_s"] = fault["checkpoint_committed_at"] - fault["notice_served_at"]
     out = {
         "steps": summary.result.steps,
-        "steps_per_epoch": 1347 // 2 // 64,
+        "steps_per_epoch": 1347 // 2 // 32,
         "epochs": epochs,
         "history": sorted(history),
         "seconds": seconds,
@@ -130,6 +175,7 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, workdir: Path) -
         "crop_actor_nodes": [node_kind.get(a["node_id"], "?") for a in crop_actors],
         "clock_nodes": [node_kind.get(a["node_id"], "?") for a in _actors("EpochClock")],
         "faults": faults,
+        "metadata_requests": {node_kind[node]: len(service.requests) for node, service in imds.items()},
         "status": MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id).info.status,
     }
     print(json.dumps(out), flush=True)

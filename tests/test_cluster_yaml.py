@@ -16,6 +16,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from raydino.config import load_config
+
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 ALL_INTERFACES = {"0.0.0.0", "::", "[::]", "*", ""}
 # 8-GPU EC2 types: (GPUs, vCPUs); Ray detects GPUs per instance type, the file states them
@@ -105,16 +107,37 @@ def test_head_takes_no_work(config):
     assert "--num-cpus=0" in start
 
 
+def _is_spot(node_type: dict[str, Any]) -> bool:
+    return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
 def test_gpu_worker_type_autoscales_with_eight_gpus(config):
     gpu_types = _gpu_types(config)
-    assert len(gpu_types) == 1, "one GPU worker type"
-    (gpu,) = gpu_types.values()
+    on_demand = [t for t in gpu_types.values() if not _is_spot(t)]
+    assert len(on_demand) == 1, "one on-demand GPU worker type"
+    (gpu,) = on_demand
     assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
-    instance = gpu["node_config"]["InstanceType"]
-    assert instance in EIGHT_GPU_TYPES, f"{instance} is not a known 8-GPU instance type"
-    gpus, vcpus = EIGHT_GPU_TYPES[instance]
-    assert gpu["resources"]["GPU"] == gpus == 8  # one Ray Train worker per GPU
-    assert 0 < gpu["resources"]["CPU"] <= vcpus
+    for t in gpu_types.values():
+        instance = t["node_config"]["InstanceType"]
+        assert instance in EIGHT_GPU_TYPES, f"{instance} is not a known 8-GPU instance type"
+        gpus, vcpus = EIGHT_GPU_TYPES[instance]
+        assert t["resources"]["GPU"] == gpus == 8  # one Ray Train worker per GPU
+        assert 0 < t["resources"]["CPU"] <= vcpus
+
+
+def test_the_spot_gpu_type_is_opt_in_and_its_notices_reach_the_run(config):
+    """Spot capacity only when asked for (max_workers 0 until raised), the same nodes as the on-demand type,
+    and IMDSv2 reachable for the interruption notice that checkpoint.spot_notices watches."""
+    spot = {name: t for name, t in _gpu_types(config).items() if _is_spot(t)}
+    assert len(spot) == 1, "one opt-in spot GPU worker type"
+    ((name, t),) = spot.items()
+    assert t["min_workers"] == 0 == t["max_workers"], f"{name}: spot is opt-in"
+    (on_demand,) = [g for g in _gpu_types(config).values() if not _is_spot(g)]
+    assert t["resources"] == on_demand["resources"]
+    assert t["node_config"]["InstanceType"] == on_demand["node_config"]["InstanceType"]
+    metadata = t["node_config"]["MetadataOptions"]
+    assert metadata["HttpTokens"] == "required" and metadata["HttpPutResponseHopLimit"] >= 2
+    assert load_config().checkpoint.spot_notices  # on by default: the nodes need no setting
 
 
 def test_cpu_worker_type_for_ray_data(config):

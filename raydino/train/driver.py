@@ -403,7 +403,8 @@ def run_pretraining(
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=ray.train.FailureConfig(
-                max_failures=plan.max_failures, controller_failure_limit=start_attempts(cfg)
+                max_failures=plan.max_failures, controller_failure_limit=start_attempts(cfg),
+                max_preemption_failures=cfg.checkpoint.max_preemptions,
             ),
             callbacks=run_callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our epoch lines, not per-report INFO

@@ -44,6 +44,7 @@ from raydino.train.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from raydino.train.preemption import start_spot_watcher
 from raydino.train.progress import ProgressMeter
 
 if TYPE_CHECKING:
@@ -161,11 +162,26 @@ class _Worker:
                 self.stop_system_metrics = start_system_metrics(plan.tracking_uri, plan.mlflow_run_id, interval)
         self.collapse = CollapseWatch(self.cfg.head.num_prototypes) if self.rank == 0 else None
         self.collapse_warned = False
+        self.preemption_seen = False
+        self.spot_watcher = None
+        if self.cfg.checkpoint.spot_notices and self._first_on_its_node():  # one watcher per node
+            ckpt = self.cfg.checkpoint
+            self.spot_watcher = start_spot_watcher(ckpt.metadata_endpoint, ckpt.notice_poll_s, _say)
         self.progress = ProgressMeter(
             global_batch=self.cfg.data.batch_size_per_worker * self.ctx.get_world_size(),
             steps_per_epoch=plan.steps_per_epoch, total_steps=self.total_steps,
             every_seconds=self.cfg.tracking.progress_seconds,
         ) if self.rank == 0 else None
+
+    def _first_on_its_node(self) -> bool:
+        """Whether this worker has the lowest rank among those on its Ray node (by node id: local ranks go by
+        IP address, which the nodes of a simulated cluster share). A collective: every worker calls it."""
+        node = ray.get_runtime_context().get_node_id()
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        nodes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, node)
+        return nodes.index(node) == self.rank
 
     def restore(self) -> None:
         checkpoint = ray.train.get_checkpoint() or self.plan.resume_from
@@ -234,6 +250,28 @@ class _Worker:
                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}_{self.step:08d}",
                 )
         self.last_checkpoint = self.step
+
+    def watch_preemption(self, metrics: dict[str, float]) -> None:
+        """Every step until it comes: Ray Train's preemption signal (a node of this run is being drained, e.g. by
+        a spot notice). It is the same on every worker (a collective), so all checkpoint at this step boundary,
+        once; Ray Train restarts the run from it when the node goes."""
+        if self.preemption_seen or self.step % self.cfg.checkpoint.preemption_check_every_steps:
+            return
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return
+        self.preemption_seen = True
+        deadline = (time.strftime("%H:%M:%S UTC", time.gmtime(info.deadline_ms / 1000))
+                    if info.deadline_ms else "no deadline given")
+        event = (f"preemption of node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks "
+                 f"{info.preempted_ranks}, {deadline}) seen at step {self.step}")
+        if self.last_checkpoint != self.step and self.batch_in_epoch < self.plan.steps_per_epoch:
+            self.save(metrics)  # the epoch's last step is checkpointed at the end of the epoch anyway
+        if self.rank == 0:
+            _say(f"raydino: {event}: checkpoint at step {self.step}; the run resumes from it when the node goes")
+            if self.logger is not None:
+                self.logger.set_tags({"raydino.preemption": f"{event}; checkpoint at step {self.step}"})
+                self.logger.log_metrics({"preemption_checkpoint_step": float(self.step)}, self.step)
 
     def train_step(self, batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, float] | None:
         """One step; None when a non-finite loss was skipped (``optim.nonfinite_loss=skip``)."""
@@ -318,6 +356,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     try:
         _train(worker, plan, stream, names)
     finally:
+        if worker.spot_watcher is not None:
+            worker.spot_watcher.stop()
         if worker.stop_system_metrics is not None:
             worker.stop_system_metrics()
         if worker.logger is not None:
@@ -376,6 +416,7 @@ def _train(worker: _Worker, plan: WorkerPlan, stream: Iterator[dict[str, torch.T
             every = cfg.checkpoint.every_steps
             if every and worker.step % every == 0 and worker.batch_in_epoch < plan.steps_per_epoch:
                 worker.save(metrics)
+            worker.watch_preemption(metrics)
         epoch_metrics = worker.end_epoch(metrics, time.perf_counter() - started)
         if metrics and worker.step % cfg.tracking.log_every_steps == 0:
             epoch_metrics.update(_kappa_metrics(worker.step_fn, metrics["teacher_temp"]))
