@@ -197,3 +197,24 @@ def test_points_still_unsent_at_the_end_go_to_a_file_in_the_run_directory_named_
     out = capfd.readouterr().out
     assert f"3 metric points and tags did not reach MLflow at {uri} within tracking.flush_timeout_s=1: written to " \
         f"{written} (send them when it answers: raydino replay-metrics {written})" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eight_trials_logging_into_one_server_lose_no_point_and_never_lock_it(capsys):
+    """Point 5 of the fault model: a sweep's 8 concurrent trials, each a process logging as rank 0 does, into one
+    `mlflow server` on its default SQLite store (benchmarks/tracking_many_writers.py, shortened; its full-size
+    figures are in docs/benchmarks.md)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import tracking_many_writers
+    finally:
+        sys.path.pop(0)
+    code = tracking_many_writers.main(["--writers", "8", "--steps", "40", "--metrics", "10", "--step-seconds", "0.02"])
+    out = capsys.readouterr().out
+    assert "all: 3200 of 3200 points stored; 'database is locked' in the server log: 0" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 8 and all(int(r[3]) == int(r[2]) == 400 and int(r[4]) == 0 for r in rows), out
+    assert code == 0
