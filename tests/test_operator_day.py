@@ -25,7 +25,7 @@ from raydino.train.checkpoint import CONFIG_FILE
 from raydino.train.driver import PretrainError, check_cluster_fits, needed_resources
 from tests.tiny import TINY_RUN
 
-TINY = [*TINY_RUN, "data.batch_size_per_worker=16", "data.crop_batch_size=32", "eval.max_images=120",
+TINY = [*TINY_RUN, "data.batch_size_per_worker=32", "data.crop_batch_size=32", "eval.max_images=120",
         "tracking.log_every_steps=2"]
 
 
@@ -208,7 +208,7 @@ def test_sigterm_mid_training_stops_like_ctrl_c_with_exit_143_and_the_run_resume
     assert run.info.status == "KILLED"
     assert list((tmp_path / "runs" / "T").glob("checkpoint_*/state.pt"))
 
-    steps_per_epoch = 1347 // 2 // 16
+    steps_per_epoch = 1347 // 2 // 32
     lines: list[str] = []
     summary = pretrain(load_config(overrides=[*TINY, "optim.epochs=2", "tracking.run_name=T",
                                               f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
