@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raydino-installed
 
-.PHONY: demo test test-fast bench install rehearse
+.PHONY: demo test test-fast bench install rehearse gpu-check
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ bench: $(STAMP)
 # cluster.yaml's node types on Ray's fake multi-node autoscaler, a sweep submitted as a job (docs/scale-out.md)
 rehearse: $(STAMP)
 	$(BIN)/python -m raydino.commands.rehearsal cluster.yaml --workdir rehearsal
+
+# every GPU-only path once, with a report (gpu_check/report.md, report.json); without CUDA a reduced CPU version
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check

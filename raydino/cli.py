@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--out", required=True, help="output directory")
     att.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep (default 0.6)")
     att.add_argument("--size", type=int, help="image size (default: the run's data.crops.global_size)")
+    att.add_argument("--device", default=None, help="where the backbone runs (default: cuda if available, else cpu)")
     cmp = sub.add_parser(
         "compare",
         help="group MLflow runs by params and tabulate their metrics (markdown or CSV) with plots",
@@ -160,9 +161,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
+    import torch
+
     from raydino.commands.attention_maps import write_attention
 
-    for folder in write_attention(args.model, args.images, args.out, args.threshold, args.size):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for folder in write_attention(args.model, args.images, args.out, args.threshold, args.size, device=device):
         print(f"wrote {folder}")
     return 0
 

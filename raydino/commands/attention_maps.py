@@ -82,11 +82,14 @@ def write_attention(
     out_dir: str | os.PathLike[str],
     threshold: float = DEFAULT_THRESHOLD,
     size: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[Path]:
-    """For each image, ``out_dir/<stem>/`` with the PNGs of ``write_attention_pngs``; returns those folders."""
+    """For each image, ``out_dir/<stem>/`` with the PNGs of ``write_attention_pngs``; returns those folders.
+    ``device``: where the backbone runs (``cuda`` for the GPU; the maps come back to the CPU for the PNGs)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"--threshold {threshold}: need 0 < threshold <= 1 (a share of the attention mass)")
     loaded = load_backbone(model_path)
+    backbone = loaded.backbone.to(device)
     size = size or loaded.image_size
     patch = loaded.backbone.patch_embed.patch_size
     if size < 1 or size % patch[0] or size % patch[1]:
@@ -102,8 +105,8 @@ def write_attention(
             i += 1
             name = f"{stem}-{i}"
         used.add(name)
-        x = normalize_crops([torch.from_numpy(image).unsqueeze(0)], "cpu")[0]
-        maps = cls_attention_maps(loaded.backbone, x)[0]
+        x = normalize_crops([torch.from_numpy(image).unsqueeze(0)], torch.device(device))[0]
+        maps = cls_attention_maps(backbone, x)[0].cpu()
         write_attention_pngs(image, maps, out / name, threshold)
         folders.append(out / name)
     return folders
