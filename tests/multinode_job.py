@@ -45,7 +45,7 @@ TINY = [
     "scaling.resources_per_worker={train_node: 1}",
     "scaling.placement_strategy=SPREAD",
     "data.crop_actor_resources={data_node: 1}",
-    "checkpoint.every_steps=4",
+    "checkpoint.every_steps=0",  # at the epoch's end only: the notice's checkpoint is the one mid-epoch checkpoint
     "checkpoint.notice_poll_s=0.5",
 ]
 NOTICE_S = 20  # the notice's deadline: Ray Train stops waiting for the preempted workers then and restarts
@@ -108,29 +108,44 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, imds: dict[str, 
             time.sleep(0.2)
         raise TimeoutError(f"no checkpoint at step >= {min_step} in time")
 
-    def wait_for_tag(key: str, deadline: float) -> str:
+    def the_run() -> object | None:
         from mlflow import MlflowClient
 
         client = MlflowClient(cfg.tracking.uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'faults'") if experiment else []
+        return runs[0] if runs else None
+
+    def wait_for_tag(key: str, deadline: float) -> str:
         while time.monotonic() < deadline:
-            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-            runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'faults'") if experiment else []
-            if runs and key in runs[0].data.tags:
-                return runs[0].data.tags[key]
+            if (found := the_run()) is not None and key in found.data.tags:
+                return found.data.tags[key]
             time.sleep(0.2)
         raise TimeoutError(f"no tag {key} in time")
 
+    def wait_for_step(min_step: int, deadline: float) -> None:
+        from mlflow import MlflowClient
+
+        while time.monotonic() < deadline:
+            if (found := the_run()) is not None:
+                history = MlflowClient(cfg.tracking.uri).get_metric_history(found.info.run_id, "loss")
+                if any(m.step >= min_step for m in history):
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"no step {min_step} logged in time")
+
     def inject_fault() -> None:
-        """After the first committed checkpoint, a spot notice on a train worker's node; once a checkpoint past
-        it is committed, the node is removed without grace."""
+        """Once step 2 is logged, a spot notice on a train worker's node; once the checkpoint the run writes for it
+        is stored, the node is removed without grace (before any later checkpoint: the next is the epoch's end)."""
         deadline = time.monotonic() + 400
-        checkpoints = wait_for_checkpoint(1, deadline)
+        wait_for_step(2, deadline)
+        checkpoints = _committed_checkpoints(run_dir)
         alive = [a for a in _actors("RayTrainWorker") if a["state"] == "ALIVE"]
         victim = next(n for n in train_nodes if n.node_id == alive[0]["node_id"])
         service = imds[victim.node_id]
         given = time.time()
         service.give_notice(NOTICE_S)
-        print(f"multinode_job: spot notice on {node_kind[victim.node_id]} after {checkpoints}", file=sys.stderr, flush=True)
+        print(f"multinode_job: spot notice on {node_kind[victim.node_id]}", file=sys.stderr, flush=True)
         event = wait_for_tag("raydino.preemption", deadline)  # "... seen at step N: checkpoint at step N"
         step = int(re.search(r"checkpoint at step (\d+)", event).group(1))
         after_notice = wait_for_checkpoint(step, deadline)
