@@ -111,22 +111,17 @@ def check_gpu_step(cuda: bool, peak: float | None) -> dict[str, Any]:
     from raydino.config import load_config
     from raydino.step import DINOStep
 
+    args = ["--preset", "imagenet_vit_small", "--steps", "10", "--warmup", "3"]
+    if not cuda:
+        args = ["--preset", "imagenet_vit_small", "--steps", "2", "--warmup", "1", "--tiny", "--compile", "eager"]
     figures: dict[str, Any] = {}
-    precisions = ["fp32", "bf16"] if cuda else ["fp32"]
-    for compiled in (False, True) if cuda else (False,):
-        for precision in precisions:
-            overrides = [*([] if cuda else gpu_step.TINY), f"optim.compile={str(compiled).lower()}",
-                         f"optim.amp={str(precision == 'bf16').lower()}", "optim.freeze_last_layer_epochs=0"]
-            cfg = load_config(preset="imagenet_vit_small", overrides=overrides)
-            result = gpu_step.run(cfg, torch.device("cuda" if cuda else "cpu"), steps=10 if cuda else 2,
-                                  warmup=3 if cuda else 1)
-            key = f"{'compiled' if compiled else 'eager'}_{precision}"
-            tflops = result["flops"] / result["step_seconds"] / 1e12
-            figures[f"{key}_images_per_s"] = round(result["images_per_second"], 1)
-            figures[f"{key}_step_ms"] = round(result["step_seconds"] * 1000, 2)
-            figures[f"{key}_peak_memory_gib"] = round(result["peak_memory_gib"], 2)
-            if precision == "bf16" and peak:
-                figures[f"{key}_mfu_percent"] = round(100 * tflops / peak, 1)
+    for row in gpu_step.main(args):  # eager and compiled x fp32 and (on CUDA) bf16
+        key = f"{'compiled' if row['compile'] else 'eager'}_{row['precision']}"
+        figures[f"{key}_images_per_s"] = round(row["images_per_second"], 1)
+        figures[f"{key}_step_ms"] = round(row["step_seconds"] * 1000, 2)
+        figures[f"{key}_peak_memory_gib"] = round(row["peak_memory_gib"], 2)
+        if row["precision"] == "bf16" and peak:
+            figures[f"{key}_mfu_percent"] = round(100 * row["tflops"] / peak, 1)
     step = DINOStep.build(load_config(overrides=gpu_step.TINY), torch.device("cuda" if cuda else "cpu"))
     defaults = step.optimizer.defaults
     figures["adamw"] = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "for-loop"

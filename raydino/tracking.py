@@ -211,12 +211,16 @@ def equals_filter(key: str, value: str) -> str:
     return f"{key} LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
 
 
+def _batches(items: list[Metric]) -> Iterator[list[Metric]]:
+    """``items`` in batches under log_batch's limit."""
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
 def _metric_batches(metrics: Mapping[str, float], step: int) -> Iterator[list[Metric]]:
     """The finite values of ``metrics`` as MLflow points taken now at ``step``, in batches under log_batch's limit."""
     now = get_current_time_millis()
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-    for i in range(0, len(items), _BATCH):
-        yield items[i : i + _BATCH]
+    return _batches([Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)])
 
 
 class RunLogger:
@@ -446,8 +450,8 @@ def replay_unsent(text: str, uri: str | None = None) -> tuple[str, str, int]:
     tags = [RunTag(r["tag"], str(r["value"])) for r in records if "tag" in r]
     client = MlflowClient(uri)
     try:
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(header["run_id"], metrics=metrics[i : i + _BATCH])
+        for batch in _batches(metrics):
+            client.log_batch(header["run_id"], metrics=batch)
         if tags:
             client.log_batch(header["run_id"], tags=tags)
     except mlflow.exceptions.MlflowException as exc:  # no such run there, a deleted run, ...

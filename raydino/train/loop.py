@@ -37,13 +37,7 @@ from raydino.eval.evaluate import evaluate_network
 from raydino.eval.prototypes import kappa_statistics
 from raydino.models import normalize_crops
 from raydino.step import DINOStep, NonFiniteGuard, NonFiniteLossError
-from raydino.train.checkpoint import (
-    TrainState,
-    read_checkpoint,
-    rng_state,
-    set_rng_state,
-    write_checkpoint,
-)
+from raydino.train.checkpoint import TrainState, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from raydino.train.preemption import start_spot_watcher
 from raydino.train.progress import ProgressMeter
 
