@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--config", help="YAML file with config sections (model, head, loss, data, optim ...)")
     pre.add_argument("--preset", choices=sorted(PRESETS), help="base settings (default: cpu_demo)")
-    pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) to pretrain on; sets data.source")
+    pre.add_argument("--data", help="an ImageFolder directory (class/xxx.jpg) or a shard set (`raydino shard`) to "
+                     "pretrain on; sets data.source")
     pre.add_argument("--method", type=parse_method, choices=list(METHODS),
                      help="sets loss.method and loss.vmf (default: the preset's); ibot_vmf = ibot-vmf")
     pre.add_argument("--local", action="store_true",
@@ -105,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("file", help="the unsent_metrics_*.jsonl file (a local path or a URI such as s3://...)")
     rep.add_argument("--tracking-uri", help="default: the store named in the file")
+    sh = sub.add_parser(
+        "shard", help="pack an ImageFolder or image directory into Parquet shards with a manifest (data at scale)",
+        description="Pack SRC (an ImageFolder or a directory of images; a local path or a URI such as s3://...) into "
+        "Parquet shards at DST, each image's encoded bytes untouched, with its label, class and relative path, and a "
+        "manifest written last. Runs on Ray (RAY_ADDRESS, a cluster on this machine, else a private Ray). Undecodable "
+        "files are skipped and counted as training skips them. Run it again after an interruption: finished shards "
+        "are kept. Then train with --data DST.",
+    )
+    sh.add_argument("src", help="the image folder to pack")
+    sh.add_argument("dst", help="where the shard set goes (a directory or URI)")
+    sh.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
     sub.add_parser("presets", help="list the presets (--preset NAME) with one line each",
                    description="List the presets; `raydino pretrain --preset NAME --print-config` shows one in full.")
     cmp.add_argument("--format", choices=["markdown", "csv"], default="markdown")
@@ -189,7 +201,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise ConfigError("--max-steps needs --local; for a Ray run set optim.epochs (e.g. optim.epochs=1)")
     overrides = list(args.overrides)
     if args.data:
-        overrides = ["data.source=imagefolder", f"data.path={args.data}", *overrides]
+        from raydino.stores.shard_manifest import is_shard_set
+
+        source = "shards" if is_shard_set(args.data) else "imagefolder"
+        overrides = [f"data.source={source}", f"data.path={args.data}", *overrides]
     if args.method:
         overrides = [f"{key}={value}" for key, value in METHODS[args.method].items()] + overrides
     if args.storage:
@@ -301,6 +316,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _presets()
         if args.command == "replay-metrics":
             return _replay_metrics(args)
+        if args.command == "shard":
+            from raydino.commands.shard import shard
+
+            shard(args.src, args.dst, args.shard_mb)
+            return 0
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"raydino: error: {exc}", file=sys.stderr)
         return 2
@@ -312,7 +332,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if isinstance(exc, RunComplete):
             print(f"raydino: {exc}", file=sys.stderr)
             return 0
-        if isinstance(exc, (TrackingError, PretrainError)):
+        from raydino.data.shards import ShardWriteError
+
+        if isinstance(exc, (TrackingError, PretrainError, ShardWriteError)):
             print(f"raydino: error: {exc}", file=sys.stderr)
             return 1
         raise

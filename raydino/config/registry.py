@@ -35,6 +35,8 @@ DATA_SOURCES: dict[str, SourceInfo] = {
     ),
     "imagefolder": SourceInfo("an ImageFolder", layout="<path>/<class_name>/<image files>", labelled=True),
     "images": SourceInfo("any directory of images, unlabelled", layout="a directory holding image files (recursively)"),
+    "shards": SourceInfo("a shard set written by `raydino shard` (labelled when written from an ImageFolder)",
+                         layout="<path>/manifest.json beside its Parquet shards"),
 }
 
 CENTERING_MODES: dict[str, str] = {

@@ -72,8 +72,49 @@ def decode_files(
     return images, np.asarray([r["label"] for r in rows], dtype=np.int64)
 
 
+def _decode_shard_rows(size: int, filesystem: pafs.FileSystem | None):
+    """One shard's sampled rows per call: read only their row groups, decode, resize and centre-crop."""
+    from raydino.data.shards import read_rows
+
+    transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels = [], []
+        for shard, rows, row_labels in zip(batch["shard"], batch["rows"], batch["labels"]):
+            for data, label in zip(read_rows(str(shard), [int(r) for r in rows], filesystem), row_labels):
+                try:
+                    image = decode_image(data)
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types
+                    logger.warning("raydino: evaluation skips an undecodable image of %s (%s)", shard, exc)
+                    continue
+                images.append(transform(torch.from_numpy(image)).numpy())
+                labels.append(int(label))
+        return {"image": np.stack(images) if images else np.empty((0, 3, size, size), dtype=np.uint8),
+                "label": np.asarray(labels, dtype=np.int64)}
+
+    return fn
+
+
+def _shard_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The evaluation arrays of a labelled shard set: sample rows from the label columns, then read and decode
+    only the row groups that hold them (one Ray task per shard)."""
+    from raydino.data.shards import sample_shards
+
+    picks, n_classes, filesystem = sample_shards(path, limit, seed)
+    items = [{"shard": p, "rows": rows, "labels": labels} for p, rows, labels in picks]
+    rows = ray.data.from_items(items).map_batches(_decode_shard_rows(size, filesystem), batch_format="numpy",
+                                                  batch_size=1).take_all()
+    rows.sort(key=lambda r: int(r["label"]))
+    images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 3, size, size), dtype=np.uint8)
+    return images, np.asarray([r["label"] for r in rows], dtype=np.int64), n_classes
+
+
 def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The evaluation arrays of an ImageFolder: sample the paths, then decode only those."""
+    """The evaluation arrays of an ImageFolder (or a labelled shard set): sample the paths, then decode only those."""
+    from raydino.stores.shard_manifest import is_shard_set
+
+    if is_shard_set(path):
+        return _shard_arrays(path, size, limit, seed)
     paths, labels, n_classes, filesystem = sample_imagefolder(path, limit, seed)
     images, labels_out = decode_files(paths, labels, size, filesystem)
     return images, labels_out, n_classes

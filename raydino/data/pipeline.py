@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,21 +72,30 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def epoch_stream(ds: ray.data.Dataset, epochs: int, block_order_seed: int | None = None) -> ray.data.Dataset:
+def epoch_stream(
+    ds: ray.data.Dataset,
+    epochs: int,
+    block_order_seed: int | None = None,
+    pass_dataset: Callable[[int], ray.data.Dataset] | None = None,
+) -> ray.data.Dataset:
     """``epochs`` passes over ``ds`` as one Dataset, each row tagged with its pass index.
 
     One execution serves the whole run, so downstream actors (multi-crop) start once.
     Every pass re-reads the source (file sources reshuffle their file order). Ray Data
     runs a few passes at once and interleaves their blocks, so each pass needs its own
     order: ``block_order_seed`` gives in-memory sources (whose blocks already exist) a
-    different block order per pass; file sources get theirs from their file shuffle.
+    different block order per pass; file sources get theirs from their file shuffle;
+    ``pass_dataset(e)`` (shard sets) builds pass ``e`` in its own seeded order.
     Every image still appears exactly once per pass.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     passes = []
     for e in range(epochs):
-        one = ds if block_order_seed is None else ds.randomize_block_order(seed=block_order_seed * 100_003 + e)
+        if pass_dataset is not None:
+            one = pass_dataset(e)
+        else:
+            one = ds if block_order_seed is None else ds.randomize_block_order(seed=block_order_seed * 100_003 + e)
         # an expression, not a Python function: the tasks that run it need not import raydino (torch)
         passes.append(one.with_column(EPOCH_COLUMN, lit(e)))
     return passes[0].union(*passes[1:]) if epochs > 1 else passes[0]

@@ -27,6 +27,7 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +67,12 @@ class SkippedImages:
     """Driver-side handle on the files a source dropped as undecodable (no actor for in-memory sources)."""
 
     actor: Any = None
+    known: dict[str, str] = field(default_factory=dict)
+    """Skipped before the run (a shard set's files that did not decode when it was written)."""
 
     def reasons(self) -> dict[str, str]:
         """path -> error message, for every file skipped so far (in any epoch, on any node)."""
-        return {} if self.actor is None else ray.get(self.actor.get.remote())
+        return {**self.known, **({} if self.actor is None else ray.get(self.actor.get.remote()))}
 
     def paths(self) -> list[str]:
         return sorted(self.reasons())
@@ -89,6 +92,8 @@ class ImageSource:
     """Rows expected before decoding (files listed, or array rows); undecodable files come off this."""
     in_memory: bool = False
     """Blocks already exist (embedded arrays): reordering them per epoch costs nothing."""
+    pass_dataset: Callable[[int], ray.data.Dataset] | None = None
+    """Pass ``e`` of the data in its own seeded order (shard sets); None: every pass reads ``dataset``."""
 
 
 def _missing(location: DataLocation, expected: str) -> FileNotFoundError:
@@ -137,7 +142,7 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def _image_column(images: list[np.ndarray]) -> np.ndarray:
+def image_column(images: list[np.ndarray]) -> np.ndarray:
     """Stack equal shapes; otherwise a ragged object array, which Ray stores as a variable-shaped tensor column."""
     if images and all(im.shape == images[0].shape for im in images):
         return np.stack(images)
@@ -178,7 +183,7 @@ def _decode_batch(
             "key": np.empty(0, dtype=np.int64),
         }
     return {
-        "image": _image_column(images),
+        "image": image_column(images),
         "label": np.asarray(labels, dtype=np.int64),
         "key": np.asarray(keys, dtype=np.int64),
     }
@@ -305,6 +310,11 @@ def array_dataset(data: ArrayDataset, rows_per_block: int = _ROWS_PER_BLOCK) -> 
 def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) -> ImageSource:
     """The source a DataConfig names; ``split`` applies to the embedded sets only."""
     info = DATA_SOURCES[data.source]
+    if data.source == "shards":
+        from raydino.data.shards import shard_source
+
+        assert data.path is not None
+        return shard_source(data.path, seed, data.max_files)
     if info.embedded:
         return array_dataset(load_embedded(data.source, split, data.crops.global_size, seed))
     assert data.path is not None  # DataConfig validates this

@@ -14,6 +14,7 @@ from raydino.config import Config, ConfigError, build_config, with_overrides
 from raydino.config.registry import DATA_SOURCES
 from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate, read_file
 from raydino.stores.run_storage import join_storage, resolve_storage
+from raydino.stores.shard_manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ def check_data_path(cfg: Config) -> None:
     source = DATA_SOURCES[cfg.data.source]
     layout = source.layout
     if layout is None:
+        return
+    if cfg.data.source == "shards":
+        read_manifest(str(cfg.data.path))  # one line naming a missing or damaged manifest
         return
     location = locate(str(cfg.data.path))
     if location.kind() != "dir":

@@ -377,6 +377,7 @@ def run_pretraining(
             source.dataset,
             cfg.optim.epochs if source.in_memory else stream_passes(cfg.optim.epochs),
             cfg.seed if source.in_memory else None,
+            source.pass_dataset,
         ),
         cfg.data.crops,
         cfg.seed,

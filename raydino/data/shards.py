@@ -1,0 +1,362 @@
+"""Shard sets: many images per Parquet file, listed once in a manifest (``raydino.stores.shard_manifest``).
+
+Why: a run over files lists the source on the driver and reads one object per image (millions of LIST,
+HEAD and GET requests on an object store, hours before the first batch at 100M images). A shard set is
+read as a few hundred Parquet files named in one manifest.
+
+Writing (``write_shards``): the driver lists the source once, shuffles the listing with a fixed seed (so
+every shard mixes classes) and cuts it into shards of about ``target_bytes``; each shard is one Ray task
+that reads its files, checks each decodes exactly as training decodes it (undecodable files are skipped
+and counted, as a run over the files would), and writes the encoded bytes untouched. Shard names carry
+the listing digest: a re-run over the same source keeps the shards that exist and writes the rest; the
+manifest comes last.
+
+Reading (``shard_source``): Ray Data reads the shards named in the manifest with column projection; each
+pass gets its own seeded shard order and a seeded order of the rows within each block. Rows get the same
+``key`` and ``label`` as the files would, so crops are identical to training from the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from raydino.data.sources import (
+    UNKNOWN_LABEL,
+    ImageSource,
+    SkippedImages,
+    _SkipLog,
+    _stable_key,
+    decode_image,
+    image_column,
+    sample_listing,
+)
+from raydino.stores.locations import DataLocation, is_image, locate, read_file
+from raydino.stores.shard_manifest import (
+    ShardInfo,
+    ShardManifest,
+    ShardSetError,
+    read_manifest,
+    write_atomically,
+    write_manifest,
+)
+
+DEFAULT_SHARD_MB = 256
+ROWS_PER_ROW_GROUP = 64
+"""Small row groups: the evaluation sample reads only the row groups that hold the rows it keeps."""
+_LISTING_SEED = 0
+
+
+class ShardWriteError(RuntimeError):
+    """A shard failed after Ray's retries: the set stays unfinished (no manifest) and a re-run resumes it."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    relative: str
+    size: int
+    label: int
+    class_name: str
+
+
+def list_source(path: str) -> tuple[DataLocation, tuple[str, ...], bool, list[SourceFile]]:
+    """(root, class names, labelled, files sorted by relative path). An ImageFolder (class directories with
+    images) is labelled; any other directory of images is not (label -1). Sizes come from the listing."""
+    root = locate(path)
+    kind = root.kind()
+    if kind != "dir":
+        raise FileNotFoundError(f"source {root.uri!r} {'does not exist' if kind == 'missing' else 'is not a directory'}; "
+                                "expected an ImageFolder (<path>/<class>/<images>) or a directory of images")
+    entries = _list_with_sizes(root)
+    classes = tuple(root.subdirectories())
+    top_level = any("/" not in rel for rel, _ in entries)
+    labelled = bool(classes) and not top_level
+    if not entries:
+        raise FileNotFoundError(f"source {root.uri!r} holds no image files")
+    index = {name: i for i, name in enumerate(classes)}
+    files = []
+    for rel, size in entries:
+        name = rel.split("/", 1)[0] if labelled else ""
+        files.append(SourceFile(rel, size, index[name] if labelled else UNKNOWN_LABEL, name))
+    return root, classes if labelled else (), labelled, files
+
+
+def _list_with_sizes(root: DataLocation) -> list[tuple[str, int]]:
+    prefix = root.path.rstrip("/") + "/"
+    if root.filesystem is None:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root.path, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if is_image(name):
+                    full = os.path.join(dirpath, name)
+                    found.append((full.removeprefix(prefix), os.stat(full).st_size))
+        return sorted(found)
+    from raydino.stores.objectstore import list_entries
+
+    infos = list_entries(root.filesystem, root.path, root.uri, recursive=True)
+    return sorted((i.path.removeprefix(prefix), i.size) for i in infos
+                  if i.type == pafs.FileType.File and is_image(i.base_name)
+                  and not any(part.startswith(".") for part in i.path.removeprefix(prefix).split("/")[:-1]))
+
+
+def listing_digest(files: list[SourceFile], target_bytes: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{target_bytes}\n".encode())
+    for f in files:
+        h.update(f"{f.relative}\t{f.size}\n".encode())
+    return h.hexdigest()
+
+
+def plan_shards(files: list[SourceFile], target_bytes: int) -> list[list[SourceFile]]:
+    """The listing in a fixed shuffled order (classes mixed in every shard), cut into consecutive shards of
+    at least one file and at most ``target_bytes`` (a file larger than that is a shard of its own)."""
+    order = np.random.default_rng(_LISTING_SEED).permutation(len(files))
+    shards: list[list[SourceFile]] = [[]]
+    size = 0
+    for i in order:
+        f = files[int(i)]
+        if shards[-1] and size + f.size > target_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(f)
+        size += f.size
+    return shards
+
+
+def shard_name(digest: str, index: int, count: int) -> str:
+    return f"shard-{digest[:10]}-{index:05d}-of-{count:05d}.parquet"
+
+
+_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class", pa.string()), ("path", pa.string()),
+                     ("key", pa.int64())])
+
+
+def _shard_table(root: DataLocation, files: list[SourceFile]) -> tuple[pa.Table, dict[str, str]]:
+    images, kept, skipped = [], [], {}
+    for f in files:
+        data = read_file(f"{root.path.rstrip('/')}/{f.relative}", root.filesystem)  # OSError: Ray retries the task
+        try:
+            decode_image(data)  # what training does with it: a file it would skip is skipped here
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            skipped[f.relative] = f"{type(exc).__name__}: {exc}"
+            continue
+        images.append(data)
+        kept.append(f)
+    table = pa.table({
+        "image": pa.array(images, pa.binary()), "label": pa.array([f.label for f in kept], pa.int64()),
+        "class": pa.array([f.class_name for f in kept], pa.string()),
+        "path": pa.array([f.relative for f in kept], pa.string()),
+        "key": pa.array([_stable_key(f.relative) for f in kept], pa.int64()),
+    }, schema=_SCHEMA)
+    return table, skipped
+
+
+@ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+def _write_shard(root: DataLocation, files: list[SourceFile], out: DataLocation) -> dict[str, Any]:
+    """One shard, whole or not at all; what it holds and skipped (also in its footer, for a later re-run)."""
+    table, skipped = _shard_table(root, files)
+    import json
+
+    table = table.replace_schema_metadata({"raydino.skipped": json.dumps(skipped)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROWS_PER_ROW_GROUP, compression="none")
+    write_atomically(out, buffer.getvalue())
+    return {"file": out.name, "images": table.num_rows, "bytes": len(buffer.getvalue()), "skipped": skipped}
+
+
+def _finished(out: DataLocation) -> dict[str, Any] | None:
+    """A shard a previous run finished (its footer reads back), as ``_write_shard`` returns it; else None."""
+    import json
+
+    fs = out.filesystem or pafs.LocalFileSystem()
+    info = fs.get_file_info(out.path)
+    if info.type != pafs.FileType.File:
+        return None
+    try:
+        meta = pq.read_metadata(out.path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid):
+        return None  # not a whole Parquet file: written again
+    skipped = json.loads((meta.metadata or {}).get(b"raydino.skipped", b"{}"))
+    return {"file": out.name, "images": meta.num_rows, "bytes": info.size, "skipped": skipped}
+
+
+def write_shards(
+    src: str, dst: str, target_mb: float = DEFAULT_SHARD_MB, log: Callable[[str], None] = print,
+    progress_seconds: float = 10.0,
+) -> ShardManifest:
+    """Pack ``src`` (an ImageFolder or a directory of images, local or URI) into a shard set at ``dst``."""
+    root, classes, labelled, files = list_source(src)
+    target = int(target_mb * 2**20)
+    digest = listing_digest(files, target)
+    plan = plan_shards(files, target)
+    out_root = locate(dst)
+    try:
+        _, existing = read_manifest(out_root)
+    except ShardSetError:
+        existing = None
+    if existing is not None and existing.listing_digest == digest:
+        log(f"raydino shard: {out_root.uri} already holds this source's {existing.images:,} images in "
+            f"{len(existing.shards)} shards; nothing to do")
+        return existing
+    names = [shard_name(digest, i, len(plan)) for i in range(len(plan))]
+    done = {name: r for name in names if (r := _finished(out_root.child(name))) is not None}
+    log(f"raydino shard: {len(files):,} images from {root.uri} ({'labelled, ' + str(len(classes)) + ' classes' if labelled else 'unlabelled'}) "
+        f"into {len(plan)} shards of about {target_mb:g} MB at {out_root.uri}"
+        + (f"; {len(done)} finished by an earlier run are kept" if done else ""))
+    pending = {_write_shard.remote(root, plan[i], out_root.child(name)): name for i, name in enumerate(names)
+               if name not in done}
+    started = last = time.monotonic()
+    images = sum(r["images"] for r in done.values())
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress_seconds)
+        for ref in ready:
+            name = pending.pop(ref)
+            try:
+                done[name] = result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                for other in pending:
+                    ray.cancel(other)
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise ShardWriteError(
+                    f"shard {name} could not be written ({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); "
+                    f"{len(done)} finished shards are kept and no manifest was written: fix the cause and run "
+                    "the same command again to write the rest"
+                ) from None
+            images += result["images"]
+        now = time.monotonic()
+        if now - last >= progress_seconds or not pending:
+            last = now
+            log(f"raydino shard: {len(done)}/{len(plan)} shards, {images:,} images "
+                f"({images / max(now - started, 1e-9):.0f} images/s)")
+    skipped = {rel: reason for name in names for rel, reason in done[name]["skipped"].items()}
+    manifest = ShardManifest(
+        source=root.uri, labelled=labelled, classes=classes,
+        shards=tuple(ShardInfo(name, done[name]["images"], done[name]["bytes"]) for name in names),
+        listing_digest=digest, target_shard_bytes=target, skipped=skipped,
+    )
+    write_manifest(out_root, manifest)  # last: its presence means every shard it names is whole
+    log(f"raydino shard: done: {manifest.images:,} images in {len(names)} shards ({manifest.bytes / 2**20:,.1f} MB), "
+        f"{len(skipped)} undecodable file(s) skipped; train with --data {out_root.uri}")
+    return manifest
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _pass_seed(seed: int, epoch: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"shards:{seed}:{epoch}".encode(), digest_size=4).digest(), "little")
+
+
+def _permute_block(seed: int, epoch: int) -> Callable[[pa.Table], pa.Table]:
+    """The rows of each read block in a seeded order of their own (the shard order is FileShuffleConfig's)."""
+
+    def permute(table: pa.Table) -> pa.Table:
+        if table.num_rows < 2:
+            return table
+        first = int(table.column("key")[0].as_py())
+        rng = np.random.default_rng([_pass_seed(seed, epoch), first & 0xFFFFFFFF, (first >> 32) & 0xFFFFFFFF])
+        return table.take(pa.array(rng.permutation(table.num_rows)))
+
+    return permute
+
+
+def _decode_rows(batch: dict[str, np.ndarray], *, skip_log: Any) -> dict[str, np.ndarray]:
+    """Encoded bytes -> the rows a file source yields; a row that fails to decode is skipped and counted."""
+    images, labels, keys, failures = [], [], [], []
+    for data, label, key, path in zip(batch["image"], batch["label"], batch["key"], batch["path"]):
+        try:
+            images.append(decode_image(data))
+        except Exception as exc:  # noqa: BLE001
+            failures.append((str(path), f"{type(exc).__name__}: {exc}"))
+            continue
+        labels.append(int(label))
+        keys.append(int(key))
+    if failures:
+        ray.get(skip_log.add.remote(failures))
+    if not images:
+        return {"image": np.empty((0, 1, 1, 1), dtype=np.uint8), "label": np.empty(0, dtype=np.int64),
+                "key": np.empty(0, dtype=np.int64)}
+    return {"image": image_column(images), "label": np.asarray(labels, dtype=np.int64),
+            "key": np.asarray(keys, dtype=np.int64)}
+
+
+def shard_source(path: str, seed: int = 0, max_files: int | None = None) -> ImageSource:
+    """A shard set as an ImageSource. ``ImageSource.pass_dataset(e)`` reads pass ``e`` in its own seeded
+    order; ``skipped`` counts the files skipped when the set was written plus any row that fails now.
+    ``max_files`` is not supported for shards (sample with ``eval`` or write a smaller set)."""
+    if max_files is not None:
+        raise ShardSetError(f"{path}: data.max_files samples files of a folder; a shard set is read whole "
+                            "(write a shard set of the sample instead)")
+    location, manifest = read_manifest(path)
+    shard_paths = [location.child(s.file).path for s in manifest.shards]
+    skip_log = _SkipLog.remote()
+    filesystem = location.filesystem
+
+    def pass_dataset(epoch: int) -> ray.data.Dataset:
+        raw = ray.data.read_parquet(
+            shard_paths, filesystem=filesystem, columns=["image", "label", "key", "path"],
+            shuffle=ray.data.FileShuffleConfig(seed=_pass_seed(seed, epoch), reseed_after_execution=False),
+        )
+        return raw.map_batches(_permute_block(seed, epoch), batch_size=None, batch_format="pyarrow").map_batches(
+            _decode_rows, batch_size=64, batch_format="numpy", fn_kwargs={"skip_log": skip_log})
+
+    return ImageSource(pass_dataset(0), manifest.classes, SkippedImages(skip_log, dict(manifest.skipped)),
+                       manifest.images, pass_dataset=pass_dataset)
+
+
+def sample_shards(path: str, limit: int, seed: int) -> tuple[list[tuple[str, list[int], list[int]]], int, Any]:
+    """A seeded, class-stratified sample of at most ``limit`` rows of a labelled shard set, chosen from the
+    label columns alone: [(shard path, sorted row indices, their labels)], the number of classes and the
+    filesystem. Only the ``label`` column of each shard is read here (column projection)."""
+    location, manifest = read_manifest(path)
+    if not manifest.labelled:
+        raise ShardSetError(f"{location.uri}: an unlabelled shard set (written from a directory without class "
+                            "folders) cannot be an evaluation set; use a labelled one or an ImageFolder")
+    fs = location.filesystem or pafs.LocalFileSystem()
+    groups: list[list[tuple[str, int]]] = [[] for _ in manifest.classes]
+    for shard in manifest.shards:
+        shard_path = location.child(shard.file).path
+        labels = pq.read_table(shard_path, columns=["label"], filesystem=fs).column("label").to_numpy()
+        for row, label in enumerate(labels):
+            groups[int(label)].append((shard_path, row))
+    by_shard: dict[str, list[tuple[int, int]]] = {}
+    for label, (shard_path, row) in sample_listing(groups, limit, seed):
+        by_shard.setdefault(shard_path, []).append((row, label))
+    picks = [(p, [r for r, _ in sorted(rows)], [lab for _, lab in sorted(rows)]) for p, rows in sorted(by_shard.items())]
+    return picks, len(manifest.classes), location.filesystem
+
+
+def read_rows(shard_path: str, rows: list[int], filesystem: Any) -> list[bytes]:
+    """The encoded images of ``rows`` (sorted) of one shard, reading only the row groups that hold them."""
+    fs = filesystem or pafs.LocalFileSystem()
+    with fs.open_input_file(shard_path) as f:
+        parquet = pq.ParquetFile(f)
+        starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows})
+        table = parquet.read_row_groups(groups, columns=["image"])
+    offsets = {g: int(starts[g]) for g in groups}
+    position, base = {}, 0
+    for g in groups:
+        position[g] = base
+        base += parquet.metadata.row_group(g).num_rows
+    column = table.column("image")
+    out = []
+    for r in rows:
+        g = int(np.searchsorted(starts, r, side="right") - 1)
+        out.append(column[position[g] + r - offsets[g]].as_py())
+    return out
+
+

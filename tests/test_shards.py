@@ -1,0 +1,192 @@
+"""Shard sets (``raydino shard``): written on Ray, whole or not at all, resumable, and read back as exactly
+the rows, labels, skipped files and crops that training from the files gets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from raydino.config import load_config
+from raydino.data.pipeline import MultiCropStage
+from raydino.data.shards import (
+    ROWS_PER_ROW_GROUP,
+    SourceFile,
+    list_source,
+    listing_digest,
+    plan_shards,
+    read_rows,
+    sample_shards,
+    shard_name,
+    shard_source,
+    write_shards,
+)
+from raydino.data.sources import imagefolder_dataset
+from raydino.stores.shard_manifest import MANIFEST_FILE, ShardSetError, read_manifest
+from tests.images import small_imagefolder
+
+SMALL_MB = 0.02  # ~20 KB: the 79 PNGs of the small folder (~1.8 KB each) make 7 shards
+
+
+def _by_key(rows: list[dict]) -> dict[int, dict]:
+    return {int(r["key"]): r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return small_imagefolder(tmp_path_factory.mktemp("shards") / "folder")
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, folder) -> Path:
+    out = folder.parent / "set"
+    write_shards(str(folder), str(out), SMALL_MB, log=lambda _: None)
+    return out
+
+
+def test_the_plan_mixes_classes_keeps_every_file_once_and_respects_the_size(folder):
+    _, classes, labelled, files = list_source(str(folder))
+    assert labelled and classes == ("class0", "class1") and len(files) == 80
+    plan = plan_shards(files, 20_000)
+    assert sorted(f.relative for shard in plan for f in shard) == sorted(f.relative for f in files)
+    assert all(sum(f.size for f in shard) <= 20_000 for shard in plan) and len(plan) > 2
+    assert all(len({f.label for f in shard}) == 2 for shard in plan)  # shuffled: no shard of one class
+    assert plan == plan_shards(files, 20_000)  # the same listing, the same shards (a re-run keeps them)
+    huge = [SourceFile("a.jpg", 50, -1, ""), SourceFile("b.jpg", 10, -1, "")]
+    assert sorted(len(s) for s in plan_shards(huge, 20)) == [1, 1]  # a file above the target: a shard of its own
+    changed = [*files[:-1], SourceFile(files[-1].relative, files[-1].size + 1, files[-1].label, files[-1].class_name)]
+    assert listing_digest(changed, 20_000) != listing_digest(files, 20_000) != listing_digest(files, 30_000)
+
+
+def test_an_unlabelled_directory_is_packed_with_label_minus_one(ray_session, tmp_path):
+    for i in range(3):
+        small = tmp_path / "raw" / ("a" if i else "b") / f"{i}.png"
+        small.parent.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(small)
+    (tmp_path / "raw" / "top.png").write_bytes((tmp_path / "raw" / "b" / "0.png").read_bytes())  # an image at the top
+    manifest = write_shards(str(tmp_path / "raw"), str(tmp_path / "set"), log=lambda _: None)
+    assert not manifest.labelled and manifest.classes == () and manifest.images == 4
+    rows = shard_source(str(tmp_path / "set")).dataset.take_all()
+    assert {int(r["label"]) for r in rows} == {-1}
+
+
+def test_shards_hold_the_files_bytes_and_read_back_as_the_files_rows(shards, folder):
+    location, manifest = read_manifest(str(shards))
+    assert manifest.images == 79 and len(manifest.shards) > 2 and manifest.classes == ("class0", "class1")
+    assert list(manifest.skipped) == ["class1/broken.jpg"] and "UnidentifiedImageError" in manifest.skipped[
+        "class1/broken.jpg"]
+    table = pq.read_table(location.child(manifest.shards[0].file).path)
+    assert table.column_names == ["image", "label", "class", "path", "key"]
+    for data, rel in zip(table.column("image").to_pylist(), table.column("path").to_pylist()):
+        assert data == (folder / rel).read_bytes()  # untouched, never re-encoded
+    assert pq.ParquetFile(location.child(manifest.shards[0].file).path).metadata.row_group(0).num_rows <= ROWS_PER_ROW_GROUP
+
+    source = shard_source(str(shards), seed=0)
+    assert source.num_files == 79 and source.classes == ("class0", "class1")
+    files = imagefolder_dataset(str(folder))
+    from_shards, from_files = _by_key(source.dataset.take_all()), _by_key(files.dataset.take_all())
+    assert set(from_shards) == set(from_files) and len(from_shards) == 79
+    for key, row in from_shards.items():
+        assert np.array_equal(row["image"], from_files[key]["image"]) and row["label"] == from_files[key]["label"]
+    assert source.skipped.count() == files.skipped.count() == 1  # written off once, counted as the files count it
+
+    # the same seed and row keys: bit-identical crops (sorted by key, then cropped in one batch each way)
+    crops = load_config(overrides=["data.crops.local_number=2"]).data.crops
+    stage = MultiCropStage(crops, seed=7, epoch=3)
+    keys = sorted(from_shards)[:16]
+
+    def batch(rows: dict[int, dict]) -> dict:
+        column = np.empty(len(keys), dtype=object)
+        for i, k in enumerate(keys):
+            column[i] = rows[k]["image"]
+        return {"image": column, "label": np.array([rows[k]["label"] for k in keys]), "key": np.array(keys)}
+
+    a, b = stage(batch(from_shards)), stage(batch(from_files))
+    assert all(np.array_equal(a[name], b[name]) for name in stage.names) and np.array_equal(a["label"], b["label"])
+
+
+def test_every_pass_reads_every_row_once_in_its_own_seeded_order(shards):
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # the order the plan gives, not the tasks' finishing order
+    try:
+        source = shard_source(str(shards), seed=0)
+        orders = [[int(r["key"]) for r in source.pass_dataset(e).take_all()] for e in (0, 1)]
+        again = [int(r["key"]) for r in shard_source(str(shards), seed=0).pass_dataset(1).take_all()]
+        other_seed = [int(r["key"]) for r in shard_source(str(shards), seed=1).pass_dataset(1).take_all()]
+    finally:
+        ctx.execution_options.preserve_order = saved
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 79
+    assert orders[0] != orders[1] and again == orders[1] and other_seed != orders[1]
+
+
+def test_a_rerun_keeps_finished_shards_and_a_failed_one_leaves_no_manifest(ray_session, folder, tmp_path):
+    out = tmp_path / "set"
+    first = write_shards(str(folder), str(out), SMALL_MB, log=lambda _: None)
+    names = [s.file for s in first.shards]
+    kept = {n: os.stat(out / n).st_mtime_ns for n in names[1:]}
+    # as an interrupted run leaves it: no manifest, one shard missing, one cut short
+    (out / MANIFEST_FILE).unlink()
+    (out / names[0]).unlink()
+    (out / names[1]).write_bytes((out / names[1]).read_bytes()[:100])
+    with pytest.raises(ShardSetError, match=r"no manifest.json, so not a finished shard set.*raydino shard"):
+        shard_source(str(out))
+    (out / names[0]).mkdir()  # a shard that cannot be written: the run fails and writes no manifest
+    with pytest.raises(RuntimeError, match=rf"shard {names[0]} could not be written.*IsADirectoryError"):
+        write_shards(str(folder), str(out), SMALL_MB, log=lambda _: None)
+    assert not (out / MANIFEST_FILE).exists()
+    (out / names[0]).rmdir()
+
+    lines: list[str] = []
+    again = write_shards(str(folder), str(out), SMALL_MB, log=lines.append)
+    assert f"{len(names) - 1} finished by an earlier run are kept" in lines[0]  # the cut-short one is written again
+    assert again.shards == first.shards and again.skipped == first.skipped
+    assert all(os.stat(out / n).st_mtime_ns == t for n, t in kept.items() if n != names[1])
+    assert (out / MANIFEST_FILE).exists()
+    lines.clear()
+    write_shards(str(folder), str(out), SMALL_MB, log=lines.append)
+    assert lines == [f"raydino shard: {out} already holds this source's 79 images in {len(names)} shards; nothing to do"]
+
+
+def test_a_damaged_or_foreign_manifest_is_named(tmp_path):
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ShardSetError, match="a damaged manifest"):
+        read_manifest(str(tmp_path))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "webdataset", "version": 1}))
+    with pytest.raises(ShardSetError, match="not a raydino-shards manifest"):
+        read_manifest(str(tmp_path))
+
+
+def test_the_evaluation_sample_reads_only_the_rows_it_keeps(shards, folder):
+    picks, n_classes, fs = sample_shards(str(shards), 20, seed=0)
+    assert n_classes == 2 and sum(len(rows) for _, rows, _ in picks) == 20
+    labels = [lab for _, _, labs in picks for lab in labs]
+    assert sorted(labels) == [0] * 10 + [1] * 10  # stratified: 40 and 39 rows, 10 of each
+    for shard, rows, _ in picks:
+        table = pq.read_table(shard, columns=["image", "path"])
+        assert read_rows(shard, rows, fs) == [table.column("image")[r].as_py() for r in rows]
+    assert sample_shards(str(shards), 20, seed=0) == (picks, n_classes, fs)  # seeded
+
+
+def test_cli_pretrain_detects_a_shard_set(shards, tmp_path, capsys):
+    from raydino.cli import main
+
+    assert main(["pretrain", "--data", str(shards), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "source: shards" in out and f"path: {shards}" in out
+    assert main(["pretrain", "data.source=shards", f"data.path={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raydino: error")]
+    assert "no manifest.json, so not a finished shard set" in error and "Traceback" not in error
+    assert main(["shard", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_shard_names_carry_the_listing():
+    assert shard_name("0123456789abcdef", 3, 12) == "shard-0123456789-00003-of-00012.parquet"
