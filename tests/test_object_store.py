@@ -162,3 +162,32 @@ def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucke
         local.mkdir()
         (local / STATE_FILE).write_bytes(read_file(folder.child(STATE_FILE).path, folder.filesystem))
         assert read_checkpoint(local).step == int(folder.name.rsplit("_", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_shards_written_to_a_bucket_train_and_evaluate(ray_session, bucket, s3, tmp_path):
+    """`raydino shard` from the bucket's folders into the bucket, then a run from the shards, with kNN on the
+    val shards: the corrupt object is skipped once, when the set is written, and counted by the run."""
+    from raydino.commands.shard import shard
+
+    create_bucket("shards")
+    lines: list[str] = []
+    manifest = shard(f"{bucket}/train", "s3://shards/train", 0.05, log=lines.append)
+    shard(f"{bucket}/val", "s3://shards/val", 0.05, log=lambda _: None)
+    assert manifest.images == 79 and list(manifest.skipped) == ["class1/broken.jpg"] and len(manifest.shards) > 1
+    assert lines[-1].endswith("train with --data s3://shards/train")
+    stored = keys("s3://shards/train")
+    assert "manifest.json" in stored and len(stored) == len(manifest.shards) + 1  # no temporary object left
+
+    cfg = load_config(overrides=[
+        *TINY_RUN, "data.batch_size_per_worker=8", "data.crop_batch_size=32", "eval.max_images=60",
+        "data.source=shards", "data.path=s3://shards/train", "eval.train_path=s3://shards/train",
+        "eval.test_path=s3://shards/val", f"checkpoint.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.run_name=from-shards", "optim.epochs=1",
+    ])
+    summary = pretrain(cfg, log=lambda _: None)
+    assert summary.result.steps == 79 // 2 // 8 and summary.result.skipped_images == 1
+    run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
+    assert run.data.params["data.source"] == "shards" and run.data.metrics["skipped_images"] == 1
+    assert "knn_top1" in summary.final.metrics and "knn_top1" in run.data.metrics

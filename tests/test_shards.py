@@ -8,15 +8,18 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from raydino.config import load_config
-from raydino.data.pipeline import MultiCropStage
+from raydino.data.pipeline import EPOCH_COLUMN, MultiCropStage, epoch_stream
 from raydino.data.shards import (
     ROWS_PER_ROW_GROUP,
     SourceFile,
+    _pass_seed,
+    _permute_block,
     list_source,
     listing_digest,
     plan_shards,
@@ -30,7 +33,7 @@ from raydino.data.sources import imagefolder_dataset
 from raydino.stores.shard_manifest import MANIFEST_FILE, ShardSetError, read_manifest
 from tests.images import small_imagefolder
 
-SMALL_MB = 0.02  # ~20 KB: the 79 PNGs of the small folder (~1.8 KB each) make 7 shards
+SMALL_MB = 0.05  # ~50 KB: the 79 PNGs of the small folder (~1.8 KB each) make 3 shards
 
 
 def _by_key(rows: list[dict]) -> dict[int, dict]:
@@ -73,8 +76,8 @@ def test_an_unlabelled_directory_is_packed_with_label_minus_one(ray_session, tmp
     (tmp_path / "raw" / "top.png").write_bytes((tmp_path / "raw" / "b" / "0.png").read_bytes())  # an image at the top
     manifest = write_shards(str(tmp_path / "raw"), str(tmp_path / "set"), log=lambda _: None)
     assert not manifest.labelled and manifest.classes == () and manifest.images == 4
-    rows = shard_source(str(tmp_path / "set")).dataset.take_all()
-    assert {int(r["label"]) for r in rows} == {-1}
+    labels = pq.read_table(tmp_path / "set" / manifest.shards[0].file, columns=["label", "class"])
+    assert set(labels.column("label").to_pylist()) == {-1} and set(labels.column("class").to_pylist()) == {""}
 
 
 def test_shards_hold_the_files_bytes_and_read_back_as_the_files_rows(shards, folder):
@@ -117,14 +120,24 @@ def test_every_pass_reads_every_row_once_in_its_own_seeded_order(shards):
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the order the plan gives, not the tasks' finishing order
     try:
-        source = shard_source(str(shards), seed=0)
-        orders = [[int(r["key"]) for r in source.pass_dataset(e).take_all()] for e in (0, 1)]
-        again = [int(r["key"]) for r in shard_source(str(shards), seed=0).pass_dataset(1).take_all()]
-        other_seed = [int(r["key"]) for r in shard_source(str(shards), seed=1).pass_dataset(1).take_all()]
+        def passes(seed: int) -> list[list[int]]:
+            source = shard_source(str(shards), seed=seed)
+            rows = epoch_stream(source.dataset, 2, pass_dataset=source.pass_dataset).take_all()  # as training streams
+            return [[int(r["key"]) for r in rows if r[EPOCH_COLUMN] == e] for e in (0, 1)]
+
+        orders = passes(0)
     finally:
         ctx.execution_options.preserve_order = saved
-    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 79
-    assert orders[0] != orders[1] and again == orders[1] and other_seed != orders[1]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 79 and orders[0] != orders[1]
+    # seeded: the shard order (Ray's FileShuffleConfig) and the order within each block (ours) come from (seed, pass)
+    table = pa.table({"key": [5, 1, 9, 3, 7], "x": list("abcde")})
+    assert _permute_block(0, 1)(table).equals(_permute_block(0, 1)(table))
+    assert not _permute_block(0, 1)(table).equals(_permute_block(0, 2)(table))
+    assert _pass_seed(0, 1) == _pass_seed(0, 1) != _pass_seed(1, 1)
+    first_shard = pq.read_table(read_manifest(str(shards))[0].child(read_manifest(str(shards))[1].shards[0].file).path)
+    in_file = set(first_shard.column("key").to_pylist())
+    seen = [k for k in orders[0] if k in in_file]  # the rows of one shard come in an order of their own
+    assert sorted(seen) == sorted(in_file) and seen != first_shard.column("key").to_pylist()
 
 
 def test_a_rerun_keeps_finished_shards_and_a_failed_one_leaves_no_manifest(ray_session, folder, tmp_path):
