@@ -91,7 +91,8 @@ class FlakyS3:
     """An HTTP proxy in front of an S3 endpoint that fails a share of requests as a throttled, flaky S3 does:
     of the requests it has not seen before (method, path, query, byte range), every ``every``-th gets a 503
     SlowDown, a 500 InternalError or a dropped connection, in turn. A request seen before (a client's retry)
-    always passes: faults are deterministic, and a client that retries always gets through."""
+    always passes: faults are deterministic, and a client that retries always gets through. ``every=0``: no
+    faults, a request counter only (``requests``, by kind: benchmarks/data_scale.py)."""
 
     def __init__(self, target: str, every: int = 5) -> None:
         import threading
@@ -100,6 +101,8 @@ class FlakyS3:
         self.target, self.every = target.removeprefix("http://"), every
         self.injected = dict.fromkeys(_FAULTS, 0)
         self.forwarded = 0
+        self.requests: dict[str, int] = {}
+        """Requests the proxy received, by kind: LIST, HEAD, GET, PUT, POST, DELETE."""
         self._seen: set[tuple[str, ...]] = set()
         self._new = 0
         self._lock = threading.Lock()
@@ -125,7 +128,7 @@ class FlakyS3:
                 return None
             self._seen.add(key)
             self._new += 1
-            if self._new % self.every:
+            if not self.every or self._new % self.every:
                 self.forwarded += 1
                 return None
             fault = _FAULTS[(self._new // self.every) % len(_FAULTS)]
@@ -168,6 +171,10 @@ class FlakyS3:
 
             def _proxy(self) -> None:
                 body = self._body()
+                kind = "LIST" if self.command == "GET" and ("list-type=" in self.path or "prefix=" in self.path) \
+                    else self.command
+                with proxy._lock:
+                    proxy.requests[kind] = proxy.requests.get(kind, 0) + 1
                 key = (self.command, self.path, self.headers.get("Range", ""), str(len(body)))
                 fault = proxy._fault(key)
                 if fault == "dropped":
