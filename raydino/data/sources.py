@@ -35,9 +35,7 @@ import numpy as np
 import ray
 import ray.data
 
-from raydino.config import DataConfig
-from raydino.config.registry import DATA_SOURCES
-from raydino.data.embedded import ArrayDataset, load_embedded
+from raydino.data.embedded import ArrayDataset
 from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate
 
 logger = logging.getLogger(__name__)
@@ -305,18 +303,3 @@ def array_dataset(data: ArrayDataset, rows_per_block: int = _ROWS_PER_BLOCK) -> 
         for start in range(0, len(labels), rows_per_block)
     ]
     return ImageSource(ray.data.from_arrow(tables), tuple(data.classes), num_files=len(labels), in_memory=True)
-
-
-def source_from_config(data: DataConfig, split: str = "train", seed: int = 0) -> ImageSource:
-    """The source a DataConfig names; ``split`` applies to the embedded sets only."""
-    info = DATA_SOURCES[data.source]
-    if data.source == "shards":
-        from raydino.data.shards import shard_source
-
-        assert data.path is not None
-        return shard_source(data.path, seed, data.max_files)
-    if info.embedded:
-        return array_dataset(load_embedded(data.source, split, data.crops.global_size, seed))
-    assert data.path is not None  # DataConfig validates this
-    make = imagefolder_dataset if info.labelled else image_directory_dataset
-    return make(data.path, data.max_files, seed)

@@ -24,10 +24,10 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raydino.config import Config
+from raydino.data.catalog import source_from_config
 from raydino.data.clock import start_crop_meter, start_epoch_clock
 from raydino.data.eval_data import load_eval_data
 from raydino.data.pipeline import epoch_stream, multicrop_dataset
-from raydino.data.sources import source_from_config
 from raydino.eval.data import EvalData
 from raydino.launch.capacity import cluster_capacity, fit_verdict
 from raydino.launch.plan import RunPlan, last_complete_checkpoint
