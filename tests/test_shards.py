@@ -203,3 +203,17 @@ def test_cli_pretrain_detects_a_shard_set(shards, tmp_path, capsys):
 
 def test_shard_names_carry_the_listing():
     assert shard_name("0123456789abcdef", 3, 12) == "shard-0123456789-00003-of-00012.parquet"
+
+
+def test_shard_sets_of_train_and_val_side_by_side_evaluate_by_default(ray_session, folder, tmp_path):
+    from raydino.launch.plan import plan_run
+
+    for split in ("train", "val"):
+        write_shards(str(folder), str(tmp_path / "sets" / split), log=lambda _: None)
+    cfg = load_config(overrides=["data.source=shards", f"data.path={tmp_path / 'sets' / 'train'}",
+                                 f"checkpoint.storage_path={tmp_path / 'runs'}"])
+    planned = plan_run(cfg).cfg
+    assert (planned.eval.train_path, planned.eval.test_path) == (str(tmp_path / "sets" / "train"),
+                                                                 str(tmp_path / "sets" / "val"))
+    (tmp_path / "sets" / "val" / MANIFEST_FILE).unlink()  # an unfinished val set is not used
+    assert plan_run(cfg).cfg.eval.test_path is None

@@ -14,7 +14,7 @@ from raydino.config import Config, ConfigError, build_config, with_overrides
 from raydino.config.registry import DATA_SOURCES
 from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate, read_file
 from raydino.stores.run_storage import join_storage, resolve_storage
-from raydino.stores.shard_manifest import read_manifest
+from raydino.stores.shard_manifest import ShardSetError, read_manifest
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,23 @@ def check_data_path(cfg: Config) -> None:
 
 
 def standard_eval_paths(cfg: Config) -> dict[str, str]:
-    """ImageNet's standard layout, ``<root>/train/<class>/...`` beside ``<root>/val/<class>/...``: kNN on
-    them by default (``eval.train_path`` the training folder, ``eval.test_path`` its ``val`` sibling)
-    when the run trains on ``<root>/train`` and sets neither eval path; {} otherwise. Local or URI alike."""
-    if cfg.data.source != "imagefolder" or cfg.eval.train_path or cfg.eval.test_path or not cfg.data.path:
+    """ImageNet's standard layout, ``<root>/train/<class>/...`` beside ``<root>/val/<class>/...`` (or labelled
+    shard sets ``<root>/train`` and ``<root>/val``): kNN on them by default (``eval.train_path`` the training
+    folder, ``eval.test_path`` its ``val`` sibling) when the run trains on ``<root>/train`` and sets neither
+    eval path; {} otherwise. Local or URI alike."""
+    if cfg.data.source not in ("imagefolder", "shards") or cfg.eval.train_path or cfg.eval.test_path \
+            or not cfg.data.path:
         return {}
     train = locate(cfg.data.path)
     if train.name != "train":
         return {}
     val = train.sibling("val")
+    if cfg.data.source == "shards":  # shard sets of train/ and val/ side by side, both labelled
+        try:
+            labelled = read_manifest(train)[1].labelled and read_manifest(val)[1].labelled
+        except ShardSetError:
+            return {}
+        return {"eval.train_path": train.uri, "eval.test_path": val.uri} if labelled else {}
     if val.kind() != "dir" or not val.subdirectories():
         return {}
     return {"eval.train_path": train.uri, "eval.test_path": val.uri}
