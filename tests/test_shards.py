@@ -217,3 +217,24 @@ def test_shard_sets_of_train_and_val_side_by_side_evaluate_by_default(ray_sessio
                                                                  str(tmp_path / "sets" / "val"))
     (tmp_path / "sets" / "val" / MANIFEST_FILE).unlink()  # an unfinished val set is not used
     assert plan_run(cfg).cfg.eval.test_path is None
+
+
+def test_a_missing_or_changed_shard_is_named_before_the_run_starts(shards, tmp_path, capsys):
+    import shutil
+
+    from raydino.cli import main
+
+    copy = tmp_path / "set"
+    shutil.copytree(shards, copy)
+    _, manifest = read_manifest(str(copy))
+    first, second = (copy / s.file for s in manifest.shards[:2])
+    args = ["pretrain", "--data", str(copy), f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    second.write_bytes(second.read_bytes() + b"x")
+    assert main(args) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raydino: error")]
+    assert f"shard {second.name} is" in error and "changed after the set was written" in error
+    first.unlink()
+    assert main(args) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raydino: error")]
+    assert f"shard {first.name} named in manifest.json is missing" in error
+

@@ -14,7 +14,7 @@ from raydino.config import Config, ConfigError, build_config, with_overrides
 from raydino.config.registry import DATA_SOURCES
 from raydino.stores.locations import IMAGE_EXTENSIONS, DataLocation, locate, read_file
 from raydino.stores.run_storage import join_storage, resolve_storage
-from raydino.stores.shard_manifest import ShardSetError, read_manifest
+from raydino.stores.shard_manifest import ShardSetError, check_shards, read_manifest
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def check_data_path(cfg: Config) -> None:
     layout = source.layout
     if layout is None:
         return
-    if cfg.data.source == "shards":
-        read_manifest(str(cfg.data.path))  # one line naming a missing or damaged manifest
+    if cfg.data.source == "shards":  # one line naming a missing or damaged manifest, or a missing shard
+        check_shards(*read_manifest(str(cfg.data.path)))
         return
     location = locate(str(cfg.data.path))
     if location.kind() != "dir":

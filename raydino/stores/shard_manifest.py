@@ -10,6 +10,7 @@ listing (a re-run over a changed source writes a new set of names instead of mix
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raydino.stores.locations import DataLocation, locate
-from raydino.stores.objectstore import explain
+from raydino.stores.objectstore import explain, list_entries
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "raydino-shards"
@@ -146,3 +147,22 @@ def write_atomically(location: DataLocation, data: bytes) -> None:
 def write_manifest(location: DataLocation, manifest: ShardManifest) -> None:
     stamped = ShardManifest(**{**manifest.__dict__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_atomically(_manifest(location), stamped.to_json().encode())
+
+
+def check_shards(location: DataLocation, manifest: ShardManifest) -> None:
+    """Every shard the manifest names is there at its recorded size (one listing of the directory, not a
+    request per shard); ShardSetError names the first that is missing or was changed since it was written."""
+    if location.filesystem is None:
+        sizes = {e.name: e.stat().st_size for e in os.scandir(location.path) if e.is_file()}
+    else:
+        entries = list_entries(location.filesystem, location.path, location.uri, recursive=False)
+        sizes = {e.base_name: e.size for e in entries if e.type == pafs.FileType.File}
+    for shard in manifest.shards:
+        size = sizes.get(shard.file)
+        if size is None:
+            raise ShardSetError(f"{location.uri}: shard {shard.file} named in {MANIFEST_FILE} is missing; write the "
+                                "set again (raydino shard SRC DST rewrites what is missing)")
+        if size != shard.bytes:
+            raise ShardSetError(f"{location.uri}: shard {shard.file} is {size:,} bytes, {MANIFEST_FILE} says "
+                                f"{shard.bytes:,}: it changed after the set was written; write the set again")
+
