@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -28,24 +29,36 @@ def _subsample(images: np.ndarray, labels: np.ndarray, limit: int, seed: int) ->
     return images[idx], labels[idx]
 
 
+def _resized_rows(
+    entries: Iterable[tuple[str, int, Callable[[], bytes]]], transform: v2.Transform, size: int
+) -> dict[str, np.ndarray]:
+    """``(name, label, read)`` -> rows of (3, size, size) uint8 images and labels; one that cannot be read or
+    decoded is dropped (and logged): the evaluation set is then that much smaller."""
+    images, labels = [], []
+    for name, label, read in entries:
+        try:
+            image = decode_image(read())
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            logger.warning("raydino: evaluation skips undecodable image %s (%s)", name, exc)
+            continue
+        images.append(transform(torch.from_numpy(image)).numpy())
+        labels.append(int(label))
+    return {"image": np.stack(images) if images else np.empty((0, 3, size, size), dtype=np.uint8),
+            "label": np.asarray(labels, dtype=np.int64)}
+
+
+def _eval_transform(size: int) -> v2.Transform:
+    return v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
 def _read_and_decode(size: int, filesystem: pafs.FileSystem | None):
-    """Read and decode files to (3, size, size) uint8 (shorter side resized, centre crop); unreadable or
-    undecodable ones are dropped (and logged), the evaluation set is then that much smaller."""
-    transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    """Read and decode files to (3, size, size) uint8 (shorter side resized, centre crop)."""
+    transform = _eval_transform(size)
 
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels = [], []
-        for path, label in zip(batch["path"], batch["label"]):
-            try:
-                image = decode_image(read_file(str(path), filesystem))
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types
-                logger.warning("raydino: evaluation skips undecodable image %s (%s)", path, exc)
-                continue
-            images.append(transform(torch.from_numpy(image)).numpy())
-            labels.append(label)
-        shape = (0, 3, size, size)
-        return {"image": np.stack(images) if images else np.empty(shape, dtype=np.uint8),
-                "label": np.asarray(labels, dtype=np.int64)}
+        entries = ((str(p), label, lambda p=p: read_file(str(p), filesystem))
+                   for p, label in zip(batch["path"], batch["label"]))
+        return _resized_rows(entries, transform, size)
 
     return fn
 
@@ -67,6 +80,11 @@ def decode_files(
     """Read and decode exactly ``paths`` (in Ray tasks), resized and centre-cropped to ``size``."""
     table = ray.data.from_items([{"path": p, "label": lab} for p, lab in zip(paths, labels)])
     rows = table.map_batches(_read_and_decode(size, filesystem), batch_format="numpy", batch_size=64).take_all()
+    return _arrays(rows, size)
+
+
+def _arrays(rows: list[dict[str, np.ndarray]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded rows, in label order, as (images, labels) arrays."""
     rows.sort(key=lambda r: int(r["label"]))
     images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 3, size, size), dtype=np.uint8)
     return images, np.asarray([r["label"] for r in rows], dtype=np.int64)
@@ -76,21 +94,13 @@ def _decode_shard_rows(size: int, filesystem: pafs.FileSystem | None):
     """One shard's sampled rows per call: read only their row groups, decode, resize and centre-crop."""
     from raydino.data.shards import read_rows
 
-    transform = v2.Compose([v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    transform = _eval_transform(size)
 
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels = [], []
-        for shard, rows, row_labels in zip(batch["shard"], batch["rows"], batch["labels"]):
-            for data, label in zip(read_rows(str(shard), [int(r) for r in rows], filesystem), row_labels):
-                try:
-                    image = decode_image(data)
-                except Exception as exc:  # noqa: BLE001 - PIL raises many types
-                    logger.warning("raydino: evaluation skips an undecodable image of %s (%s)", shard, exc)
-                    continue
-                images.append(transform(torch.from_numpy(image)).numpy())
-                labels.append(int(label))
-        return {"image": np.stack(images) if images else np.empty((0, 3, size, size), dtype=np.uint8),
-                "label": np.asarray(labels, dtype=np.int64)}
+        entries = ((f"{shard} row {r}", label, lambda d=data: d)
+                   for shard, rows, labels in zip(batch["shard"], batch["rows"], batch["labels"])
+                   for r, data, label in zip(rows, read_rows(str(shard), [int(r) for r in rows], filesystem), labels))
+        return _resized_rows(entries, transform, size)
 
     return fn
 
@@ -104,9 +114,7 @@ def _shard_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarr
     items = [{"shard": p, "rows": rows, "labels": labels} for p, rows, labels in picks]
     rows = ray.data.from_items(items).map_batches(_decode_shard_rows(size, filesystem), batch_format="numpy",
                                                   batch_size=1).take_all()
-    rows.sort(key=lambda r: int(r["label"]))
-    images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 3, size, size), dtype=np.uint8)
-    return images, np.asarray([r["label"] for r in rows], dtype=np.int64), n_classes
+    return (*_arrays(rows, size), n_classes)
 
 
 def _imagefolder_arrays(path: str, size: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,10 +41,10 @@ from raydino.data.sources import (
     _SkipLog,
     _stable_key,
     decode_image,
-    image_column,
+    decode_rows,
     sample_listing,
 )
-from raydino.stores.locations import DataLocation, is_image, locate, read_file
+from raydino.stores.locations import DataLocation, locate, read_file
 from raydino.stores.shard_manifest import (
     ShardInfo,
     ShardManifest,
@@ -74,44 +74,28 @@ class SourceFile:
 
 
 def list_source(path: str) -> tuple[DataLocation, tuple[str, ...], bool, list[SourceFile]]:
-    """(root, class names, labelled, files sorted by relative path). An ImageFolder (class directories with
-    images) is labelled; any other directory of images is not (label -1). Sizes come from the listing."""
+    """(root, class names, labelled, files sorted by relative path), as training lists the folder: an
+    ImageFolder (class directories, no image at the top) is labelled and holds the images under its class
+    directories; any other directory of images is not (label -1) and holds every image under it."""
     root = locate(path)
     kind = root.kind()
     if kind != "dir":
         raise FileNotFoundError(f"source {root.uri!r} {'does not exist' if kind == 'missing' else 'is not a directory'}; "
                                 "expected an ImageFolder (<path>/<class>/<images>) or a directory of images")
-    entries = _list_with_sizes(root)
+    prefix = root.path.rstrip("/") + "/"
+    entries = [(p.removeprefix(prefix), size) for p, size in root.image_files_with_sizes()]
     classes = tuple(root.subdirectories())
-    top_level = any("/" not in rel for rel, _ in entries)
-    labelled = bool(classes) and not top_level
-    if not entries:
-        raise FileNotFoundError(f"source {root.uri!r} holds no image files")
+    labelled = bool(classes) and not any("/" not in rel for rel, _ in entries)
     index = {name: i for i, name in enumerate(classes)}
     files = []
     for rel, size in entries:
         name = rel.split("/", 1)[0] if labelled else ""
+        if labelled and name not in index:
+            continue  # a hidden directory beside the classes: training does not read it either
         files.append(SourceFile(rel, size, index[name] if labelled else UNKNOWN_LABEL, name))
+    if not files:
+        raise FileNotFoundError(f"source {root.uri!r} holds no image files")
     return root, classes if labelled else (), labelled, files
-
-
-def _list_with_sizes(root: DataLocation) -> list[tuple[str, int]]:
-    prefix = root.path.rstrip("/") + "/"
-    if root.filesystem is None:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root.path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if is_image(name):
-                    full = os.path.join(dirpath, name)
-                    found.append((full.removeprefix(prefix), os.stat(full).st_size))
-        return sorted(found)
-    from raydino.stores.objectstore import list_entries
-
-    infos = list_entries(root.filesystem, root.path, root.uri, recursive=True)
-    return sorted((i.path.removeprefix(prefix), i.size) for i in infos
-                  if i.type == pafs.FileType.File and is_image(i.base_name)
-                  and not any(part.startswith(".") for part in i.path.removeprefix(prefix).split("/")[:-1]))
 
 
 def listing_digest(files: list[SourceFile], target_bytes: int) -> str:
@@ -170,14 +154,13 @@ def _shard_table(root: DataLocation, files: list[SourceFile]) -> tuple[pa.Table,
 def _write_shard(root: DataLocation, files: list[SourceFile], out: DataLocation) -> dict[str, Any]:
     """One shard, whole or not at all; what it holds and skipped (also in its footer, for a later re-run)."""
     table, skipped = _shard_table(root, files)
-    import json
-
     table = table.replace_schema_metadata({"raydino.skipped": json.dumps(skipped)})
     buffer = io.BytesIO()
     average = max(1, (pc.sum(pc.binary_length(table.column("image"))).as_py() or 0) // max(table.num_rows, 1))
     pq.write_table(table, buffer, row_group_size=rows_per_group(average), compression="none")
-    write_atomically(out, buffer.getvalue())
-    return {"file": out.name, "images": table.num_rows, "bytes": len(buffer.getvalue()), "skipped": skipped}
+    data = buffer.getvalue()
+    write_atomically(out, data)
+    return {"file": out.name, "images": table.num_rows, "bytes": len(data), "skipped": skipped}
 
 
 def rows_per_group(average_image_bytes: int) -> int:
@@ -186,8 +169,6 @@ def rows_per_group(average_image_bytes: int) -> int:
 
 def _finished(out: DataLocation) -> dict[str, Any] | None:
     """A shard a previous run finished (its footer reads back), as ``_write_shard`` returns it; else None."""
-    import json
-
     fs = out.filesystem or pafs.LocalFileSystem()
     info = fs.get_file_info(out.path)
     if info.type != pafs.FileType.File:
@@ -281,23 +262,9 @@ def _permute_block(seed: int, epoch: int) -> Callable[[pa.Table], pa.Table]:
 
 
 def _decode_rows(batch: dict[str, np.ndarray], *, skip_log: Any) -> dict[str, np.ndarray]:
-    """Encoded bytes -> the rows a file source yields; a row that fails to decode is skipped and counted."""
-    images, labels, keys, failures = [], [], [], []
-    for data, label, key, path in zip(batch["image"], batch["label"], batch["key"], batch["path"]):
-        try:
-            images.append(decode_image(data))
-        except Exception as exc:  # noqa: BLE001
-            failures.append((str(path), f"{type(exc).__name__}: {exc}"))
-            continue
-        labels.append(int(label))
-        keys.append(int(key))
-    if failures:
-        ray.get(skip_log.add.remote(failures))
-    if not images:
-        return {"image": np.empty((0, 1, 1, 1), dtype=np.uint8), "label": np.empty(0, dtype=np.int64),
-                "key": np.empty(0, dtype=np.int64)}
-    return {"image": image_column(images), "label": np.asarray(labels, dtype=np.int64),
-            "key": np.asarray(keys, dtype=np.int64)}
+    """Encoded bytes -> the rows a file source yields (``decode_rows``: the files' own decoding and skip log)."""
+    entries = zip(batch["image"], map(str, batch["path"]), map(int, batch["label"]), map(int, batch["key"]))
+    return decode_rows(entries, skip_log)
 
 
 READ_BATCH_BYTES = 16 * 2**20
@@ -371,18 +338,9 @@ def read_rows(shard_path: str, rows: list[int], filesystem: Any) -> list[bytes]:
     with fs.open_input_file(shard_path) as f:
         parquet = pq.ParquetFile(f)
         starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
-        groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows})
-        table = parquet.read_row_groups(groups, columns=["image"])
-    offsets = {g: int(starts[g]) for g in groups}
-    position, base = {}, 0
-    for g in groups:
-        position[g] = base
-        base += parquet.metadata.row_group(g).num_rows
-    column = table.column("image")
-    out = []
-    for r in rows:
-        g = int(np.searchsorted(starts, r, side="right") - 1)
-        out.append(column[position[g] + r - offsets[g]].as_py())
-    return out
-
-
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = sorted(set(group_of.tolist()))
+        column = parquet.read_row_groups(groups, columns=["image"]).column("image")
+    # where each group's rows begin in what was read (only ``groups``, in order)
+    begins = dict(zip(groups, np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups[:-1]]).tolist()))
+    return [column[begins[g] + r - int(starts[g])].as_py() for r, g in zip(rows, group_of.tolist())]

@@ -27,7 +27,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,18 +150,15 @@ def image_column(images: list[np.ndarray]) -> np.ndarray:
     return column
 
 
-def _decode_batch(
-    batch: dict[str, np.ndarray], *, root: str, class_to_idx: dict[str, int] | None, skip_log: Any
-) -> dict[str, np.ndarray]:
-    """Decode a batch of files, dropping (and reporting) the ones that fail."""
+def decode_rows(entries: Iterable[tuple[bytes, str, int, int]], skip_log: Any) -> dict[str, np.ndarray]:
+    """Rows ``{image, label, key}`` from ``(encoded bytes, path, label, key)``: files and shard rows alike. One
+    that fails to decode is dropped, logged and recorded in ``skip_log`` (waited for, so the count is complete
+    once the rows are consumed)."""
     images: list[np.ndarray] = []
     labels: list[int] = []
     keys: list[int] = []
     failures: list[tuple[str, str]] = []
-    prefix = root.rstrip("/") + "/"
-    for data, path in zip(batch["bytes"], batch["path"]):
-        path = str(path)
-        relative = path.removeprefix(prefix)
+    for data, path, label, key in entries:
         try:
             image = decode_image(data)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types: UnidentifiedImageError, OSError, ...
@@ -170,10 +167,10 @@ def _decode_batch(
             failures.append((path, reason))
             continue
         images.append(image)
-        keys.append(_stable_key(relative))
-        labels.append(UNKNOWN_LABEL if class_to_idx is None else class_to_idx[relative.split("/", 1)[0]])
+        labels.append(label)
+        keys.append(key)
     if failures:
-        ray.get(skip_log.add.remote(failures))  # wait, so the count is complete once the rows are consumed
+        ray.get(skip_log.add.remote(failures))
     if not images:
         return {
             "image": np.empty((0, 1, 1, 1), dtype=np.uint8),
@@ -185,6 +182,21 @@ def _decode_batch(
         "label": np.asarray(labels, dtype=np.int64),
         "key": np.asarray(keys, dtype=np.int64),
     }
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, root: str, class_to_idx: dict[str, int] | None, skip_log: Any
+) -> dict[str, np.ndarray]:
+    """Decode a batch of files, dropping (and reporting) the ones that fail."""
+    prefix = root.rstrip("/") + "/"
+
+    def entries() -> Iterator[tuple[bytes, str, int, int]]:
+        for data, path in zip(batch["bytes"], batch["path"]):
+            relative = str(path).removeprefix(prefix)
+            label = UNKNOWN_LABEL if class_to_idx is None else class_to_idx[relative.split("/", 1)[0]]
+            yield data, str(path), label, _stable_key(relative)
+
+    return decode_rows(entries(), skip_log)
 
 
 def _files_dataset(

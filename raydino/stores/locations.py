@@ -78,16 +78,28 @@ class DataLocation:
     def image_files(self) -> Iterator[str]:
         """Paths (inside the filesystem) of the image files under this directory, sorted, recursively;
         lazy on a local disk, so an existence check stops at the first one."""
+        for path, _ in self._images(sizes=False):
+            yield path
+
+    def image_files_with_sizes(self) -> Iterator[tuple[str, int]]:
+        """``image_files`` with each file's size in bytes (a stat per file on a local disk; an object store's
+        listing has them)."""
+        for path, size in self._images(sizes=True):
+            assert size is not None
+            yield path, size
+
+    def _images(self, sizes: bool) -> Iterator[tuple[str, int | None]]:
         if not self.remote:
             for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
                 dirnames.sort()
                 for name in sorted(filenames):
                     if is_image(name):
-                        yield os.path.join(dirpath, name)
+                        path = os.path.join(dirpath, name)
+                        yield path, os.stat(path).st_size if sizes else None
             return
         for entry in list_entries(self.filesystem, self.path, self.uri, recursive=True):
             if entry.type == pafs.FileType.File and is_image(entry.base_name):
-                yield entry.path
+                yield entry.path, entry.size
 
     def has_image(self) -> bool:
         """Whether an image file lies under this directory (recursively): a local walk stops at the first;
