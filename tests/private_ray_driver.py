@@ -14,9 +14,11 @@ from pathlib import Path
 
 import ray
 
+from raydino.train.driver import PRIVATE_RAY_SYSTEM_CONFIG
+
 if __name__ == "__main__":
     ray.init(address="local", num_cpus=int(os.environ.get("RAYDINO_TEST_CPUS", "5")), log_to_driver=True,
-             configure_logging=False)
+             configure_logging=False, _system_config=PRIVATE_RAY_SYSTEM_CONFIG)
     script = Path(sys.argv[1]).resolve()
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(script.parent))  # the script's own `from _common import ...`

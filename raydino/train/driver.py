@@ -117,6 +117,13 @@ def _local_gpus() -> int:
     return torch.cuda.device_count()
 
 
+PRIVATE_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
+"""A private Ray keeps an idle task worker for 5 minutes, not Ray's 1 s: a run starts ~10 actors beside its
+tasks, so the task workers are over Ray's soft limit (the CPU count) and were killed between Ray Data's
+stages; each new one costs ~1 s of CPU. A sweep's next trial reuses them: on 2 cores a tiny trial took
+17 s instead of 27 (2026-12-05). Memory: a few idle processes for minutes on one machine."""
+
+
 def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
     """Connect to RAY_ADDRESS or to a cluster started on this machine (``ray start``); else start a
     private Ray sized for this run, which later runs on this machine do not join.
@@ -155,7 +162,7 @@ def _start_or_join(cfg: Config, extra_cpus: float) -> None:
         )
     num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + extra_cpus))
     ray.init(address="local", num_cpus=num_cpus, resources={PRIVATE_INSTANCE: 1}, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+             configure_logging=True, logging_level="WARNING", _system_config=PRIVATE_RAY_SYSTEM_CONFIG)
     quiet_ray_data()
 
 
