@@ -130,9 +130,9 @@ def s3_table(work: Path, images: int, per_shard: int) -> dict[str, object]:
                                   "images_per_shard": round(images / len(manifest.shards))}
         for name, make in (("files", lambda: imagefolder_dataset("s3://bench/files")),
                            ("shards", lambda: shard_source("s3://bench/shards"))):
-            proxy.requests.clear()
+            before = proxy.requests
             rows = sum(len(b["label"]) for b in make().dataset.iter_batches(batch_size=256, batch_format="numpy"))
-            counted = dict(proxy.requests)
+            counted = {kind: n - before.get(kind, 0) for kind, n in proxy.requests.items() if n > before.get(kind, 0)}
             reads = sum(counted.get(k, 0) for k in ("LIST", "HEAD", "GET"))
             out[name] = {"rows": rows, **counted, "requests_per_image": round(reads / images, 4)}
             print(name, json.dumps(out[name]), flush=True)
