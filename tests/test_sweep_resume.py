@@ -1,6 +1,7 @@
 """A sweep whose driver dies resumes with Tune's own restore (``--resume``): finished trials stay
 finished and are not trained again, unfinished ones continue from their checkpoints, the same MLflow
-parent run continues and no child run is duplicated."""
+parent run continues and no child run is duplicated. Before that, the same sweep loses a trial's Train
+worker: Tune retries the trial from its checkpoint, into the same MLflow history."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,27 @@ def _kill_all(driver: subprocess.Popen[bytes] | None, ray_tmp: str) -> None:
     assert not _ours(ray_tmp), "processes of the killed sweep's Ray are still alive"
 
 
+def _kill_a_train_worker_after_a_checkpoint(storage: Path, ray_tmp: str, killed: dict[str, object]) -> None:
+    """SIGKILL the Ray Train worker of the sweep's first trial once that trial's Train run has a committed
+    checkpoint (one trial at a time: while a single Train run exists, its worker is the only one)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        snapshots = list(storage.glob("*/train/*/checkpoint_manager_snapshot.json"))
+        if len(snapshots) > 1:
+            killed["missed"] = "the first trial ended before its worker was seen after a checkpoint"
+            return
+        if snapshots and (committed := _committed(snapshots[0])):
+            for proc in _ours(ray_tmp):
+                try:
+                    if proc.name().startswith("ray::RayTrainWo"):  # Ray's title, cut to 15 characters by the kernel
+                        proc.kill()
+                        killed.update(run=snapshots[0].parent.name, after=committed[-1])
+                        return
+                except psutil.NoSuchProcess:
+                    continue
+        time.sleep(0.2)
+
+
 def _committed(snapshot: Path) -> list[str]:
     """Ray Train's committed checkpoints of one Train run (its own record in storage)."""
     try:
@@ -169,9 +192,13 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
     storage = tmp_path / "runs"
     first = resumed = None
     try:
+        killed: dict[str, object] = {}
+        killer = threading.Thread(target=_kill_a_train_worker_after_a_checkpoint, args=(storage, ray_tmp, killed),
+                                  daemon=True)
         with (tmp_path / "first.log").open("w") as log:
             first = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "2")], env=env,
                                      cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        killer.start()
         before = None
         deadline = time.monotonic() + 600
         while before is None and time.monotonic() < deadline and first.poll() is None:
@@ -179,6 +206,7 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
             time.sleep(0.5)
         _kill_all(first, ray_tmp)  # the driver and its Ray, as a head restart would
         assert before is not None, (tmp_path / "first.log").read_text()[-4000:]
+        assert "run" in killed, killed
         name = before["name"]
 
         # a name that is not there, or other settings, are refused in one line before Ray starts
@@ -215,10 +243,13 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
     assert len(children) == 2 and len({c.data.tags["raydino.trial_id"] for c in children}) == 2  # no duplicate
     assert {c.info.status for c in children} == {"FINISHED"}
     runs = {c.info.run_id: c for c in children}
-    done = runs[before["done"]]  # finished before the kill: untouched
+    done = runs[before["done"]]  # finished before the driver's kill: untouched since
     assert (done.info.start_time, done.info.end_time) == before["done_times"]
-    assert done.data.tags["raydino.attempts"] == "1"
     assert [(m.step, m.timestamp) for m in client.get_metric_history(done.info.run_id, "loss")] == before["done_loss"]
+    # its worker was killed after a checkpoint: Tune's retry went on from that checkpoint, into one history
+    assert killed["run"].endswith(done.data.tags["raydino.trial_id"]), killed
+    assert done.data.tags["raydino.attempts"] == "2"
+    assert sorted(step for step, _ in before["done_loss"]) == list(range(3, STEPS + 1, 3))
     again = runs[before["resumed"]]  # killed mid-training: the same child run, one history
     assert again.data.tags["raydino.attempts"] == str(before["resumed_attempts"] + 1)
     assert "final_knn_top1" in again.data.metrics
