@@ -342,7 +342,7 @@ def _wait_for_job(fake: FakeCluster, job_id: str, deadline: float) -> str:
         if time.monotonic() > deadline:
             client.stop_job(job_id)
             return f"TIMEOUT (was {status.value})"
-        time.sleep(5)
+        time.sleep(1)  # one small request to the head's dashboard a second
         status = client.get_job_status(job_id)
     return JobStatus(status).value
 
