@@ -24,9 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(command: list[str], port: int, timeout: float, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a server process on 127.0.0.1:``port`` and wait until it accepts connections."""
-    proc = subprocess.Popen(command, env=env, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _serve(module: str, args: list[str], port: int, timeout: float, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m module args...`` as a server on 127.0.0.1:``port``, once it accepts connections."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -35,7 +36,8 @@ def _serve(command: list[str], port: int, timeout: float, env: dict[str, str] | 
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(f"{command[2]} did not start on port {port} within {timeout} s") from None
+                proc.wait(timeout=30)
+                raise RuntimeError(f"{module} did not start on port {port} within {timeout} s") from None
             time.sleep(0.1)
 
 
@@ -56,7 +58,7 @@ def moto_endpoint(auth: bool = False, timeout: float = 60.0) -> Iterator[str]:
     (INITIAL_NO_AUTH_ACTION_COUNT=0), unknown keys are refused as a real S3 refuses them."""
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else None
-    proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, timeout, env)
+    proc = _serve("moto.server", ["-H", "127.0.0.1", "-p", str(port)], port, timeout, env)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -244,7 +246,7 @@ class _FlakyProxy:
 def flaky_s3(target: str, every: int = 5, timeout: float = 60.0) -> Iterator[FlakyS3]:
     """A flaky proxy in front of ``target`` for the ``with`` block, in its own process."""
     port = free_port()
-    proc = _serve([sys.executable, "-m", "tests.object_store", target, str(every), str(port)], port, timeout)
+    proc = _serve("tests.object_store", [target, str(every), str(port)], port, timeout)
     try:
         yield FlakyS3(f"http://127.0.0.1:{port}")
     finally:
