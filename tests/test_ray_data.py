@@ -15,7 +15,7 @@ from raydino.config import CropsConfig
 from raydino.data.augment import crop_names
 from raydino.data.clock import EpochClock
 from raydino.data.embedded import ArrayDataset
-from raydino.data.pipeline import MultiCropStage, epoch_stream, multicrop_dataset
+from raydino.data.pipeline import EarlyStart, MultiCropStage, epoch_stream, multicrop_dataset
 from raydino.data.sources import array_dataset, image_directory_dataset, imagefolder_dataset
 
 CROPS = CropsConfig(global_size=16, local_size=8, local_number=2, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
@@ -214,3 +214,33 @@ def test_an_autoscaling_crop_pool_stays_in_its_bounds_and_is_metered(ray_session
     assert stats["cropped_images"] == len(data) and stats["crop_images_per_second_per_actor"] > 0
     with pytest.raises(ValueError, match="1 <= min <= max"):
         multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=(3, 1), batch_size=4)
+
+
+def test_early_start_asks_for_the_first_item_at_once_and_then_yields_in_order():
+    """A training worker's stream starts its crop actors while the model is built (raydino.train.loop)."""
+    import threading
+
+    asked = threading.Event()
+    release = threading.Event()
+
+    def items():
+        asked.set()
+        assert release.wait(30), "never released"
+        yield from (1, 2, 3)
+
+    stream = EarlyStart(items())
+    assert asked.wait(30), "the first item was not asked for before next()"
+    release.set()
+    assert list(stream) == [1, 2, 3]
+
+
+def test_early_start_ends_and_fails_like_the_iterator_it_wraps():
+    assert next(EarlyStart(iter([])), None) is None
+
+    def broken():
+        raise OSError("the bucket is unreachable")
+        yield  # a generator
+
+    stream = EarlyStart(broken())
+    with pytest.raises(OSError, match="the bucket is unreachable"):  # raised in the caller's thread, at its next
+        next(stream)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import ray
@@ -43,6 +44,45 @@ if TYPE_CHECKING:
 # imports this module, and only the crop actors need them (seconds of CPU each).
 
 EPOCH_COLUMN = "epoch"
+T = TypeVar("T")
+
+
+class EarlyStart(Iterator[T], Generic[T]):
+    """An iterator whose first item is asked for at once, in a background thread.
+
+    A Ray Data stream starts its executor and its crop actors (a process each, seconds of imports) only when
+    it is first iterated; a training worker that starts its stream this way builds its model meanwhile,
+    instead of first building it and then waiting for the actors. Later items come from the caller's
+    thread, one at a time, as before; an error of the first fetch is raised by the first ``next``.
+    """
+
+    def __init__(self, items: Iterator[T]) -> None:
+        self._items = items
+        self._first: list[tuple[str, Any]] = []
+        self._fetching: threading.Thread | None = threading.Thread(
+            target=self._fetch_first, name="raydino-first-batch", daemon=True  # never holds up a process's exit
+        )
+        self._fetching.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.append(("item", next(self._items)))
+        except StopIteration:
+            self._first.append(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            self._first.append(("error", exc))
+
+    def __next__(self) -> T:
+        if self._fetching is None:
+            return next(self._items)
+        self._fetching.join()
+        self._fetching = None
+        kind, value = self._first.pop()
+        if kind == "end":
+            raise StopIteration
+        if kind == "error":
+            raise value
+        return value
 
 
 def row_seed(seed: int, epoch: int, key: int) -> int:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from raydino.config import Config
 from raydino.data.augment import crop_names
+from raydino.data.pipeline import EarlyStart
 from raydino.eval.collapse import KNOBS, CollapseWatch
 from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network
@@ -136,9 +137,14 @@ class _Worker:
         self.ctx = ray.train.get_context()
         self.rank = self.ctx.get_world_rank()
         self.device = ray.train.torch.get_device()
+        # the position first: the data stream starts from it, and its crop actors start while the model is built
+        self.state = self._read_checkpoint()
+        self.step, self.epoch, self.batch_in_epoch = (
+            self.state.position(plan.steps_per_epoch) if self.state is not None else (0, 0, 0)
+        )
+        self.stream = self._start_stream()
         self.step_fn = DINOStep.build(self.cfg, self.device, wrap_student=ray.train.torch.prepare_model)
         self.total_steps = plan.steps_per_epoch * self.cfg.optim.epochs
-        self.step = self.epoch = self.batch_in_epoch = 0
         self.last_checkpoint: int | None = None
         self.guard = NonFiniteGuard(self.cfg.optim.nonfinite_loss, self.cfg.optim.max_nonfinite_in_a_row)
         self.evaluating = self.rank == 0 and plan.eval_data is not None and self.cfg.eval.every_epochs > 0
@@ -177,14 +183,20 @@ class _Worker:
         dist.all_gather_object(nodes, node)
         return nodes.index(node) == self.rank
 
-    def restore(self) -> None:
+    def _read_checkpoint(self) -> TrainState | None:
+        """The checkpoint this attempt resumes from (Ray Train's latest, else the newest in storage), or None."""
         checkpoint = ray.train.get_checkpoint() or self.plan.resume_from
         if checkpoint is None:
-            return
+            return None
         with checkpoint_directory(checkpoint) as directory:
-            state = read_checkpoint(directory, map_location=self.device)
+            return read_checkpoint(directory, map_location=self.device)
+
+    def restore(self) -> None:
+        """Load the checkpoint read at start-up (the position already came from it) into the built model."""
+        state, self.state = self.state, None
+        if state is None:
+            return
         self.step_fn.load_state_dict(state.models())
-        self.step, self.epoch, self.batch_in_epoch = state.position(self.plan.steps_per_epoch)
         self.last_checkpoint, self.guard.skipped = self.step, state.nonfinite_skipped
         if self.evaluating and state.latest_eval:
             self.latest_eval = state.latest_eval
@@ -283,15 +295,15 @@ class _Worker:
             self.collapse.record(metrics.get("teacher_entropy", math.nan), metrics.get("mean_target_entropy", math.nan))
         return metrics
 
-    def stream(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One iterator for the whole run: one Ray Data execution, crop actors started once.
-        After a resume the stream starts afresh; the steps already trained are not replayed."""
+    def _start_stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One iterator for the whole run: one Ray Data execution, crop actors started once, at once
+        (``EarlyStart``). After a resume the stream starts afresh; the steps already trained are not replayed."""
         if self.rank == 0:  # this attempt streams epochs epoch, epoch + 1, ... (see EpochClock)
             ray.get(self.plan.epoch_clock.set.remote(self.epoch), timeout=60)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no worker starts the data before the clock shows it
         batch_size = self.cfg.data.batch_size_per_worker
-        return iter(
+        return EarlyStart(iter(
             ray.train.get_dataset_shard("train").iter_torch_batches(
                 batch_size=batch_size,
                 drop_last=True,
@@ -301,7 +313,7 @@ class _Worker:
                 device="cpu",
                 pin_memory=self.device.type == "cuda",  # page-locked batches: normalize_crops copies non_blocking
             )
-        )
+        ))
 
     def watch_collapse(self, epoch_metrics: dict[str, float]) -> None:
         """Rank 0: metric ``collapsed`` (0/1) every epoch; the first collapsed epoch prints one warning
@@ -345,10 +357,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     worker = _Worker(plan)
     worker.restore()
-    stream = worker.stream()
     names = crop_names(cfg.data.crops.local_number)
     try:
-        _train(worker, plan, stream, names)
+        _train(worker, plan, worker.stream, names)
     finally:
         if worker.spot_watcher is not None:
             worker.spot_watcher.stop()
