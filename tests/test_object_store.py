@@ -6,11 +6,13 @@ from s3://."""
 from __future__ import annotations
 
 import shutil
+import signal
+import time
 
 import pytest
 from mlflow import MlflowClient
 
-from raydino.config import load_config, with_overrides
+from raydino.config import load_config
 from raydino.data.sources import imagefolder_dataset, list_imagefolder
 from raydino.launch.plan import (
     check_data_path,
@@ -118,44 +120,77 @@ def flaky(s3):
         yield proxy
 
 
+def _committed_in_bucket(run: str) -> list[str]:
+    """The complete checkpoints of a run in the bucket (read without the proxy's faults)."""
+    try:
+        return [folder.name for folder in checkpoint_folders(run) if checkpoint_complete(folder)]
+    except (OSError, ObjectStoreError):  # not there yet
+        return []
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_trains_from_a_bucket_and_resumes_from_s3_checkpoints(ray_session, bucket, s3, flaky, tmp_path, monkeypatch):
-    """Through an S3 that throttles and fails: every 10th new request gets a 503 SlowDown, a 500 or a dropped
-    connection (tests/object_store.FlakyS3). The clients' retries (pyarrow's S3 retry strategy, Ray Data's
-    retried I/O errors, Ray Train's checkpoint upload retries) carry both runs through; only the one corrupt
-    object is skipped, and every checkpoint in the bucket is complete and reads back."""
+def test_a_run_on_a_flaky_bucket_stopped_by_sigterm_resumes_from_its_s3_checkpoints(
+    ray_session, bucket, s3, flaky, tmp_path, monkeypatch
+):
+    """Data and checkpoints in a bucket, through an S3 that throttles and fails: every 10th new request gets a
+    503 SlowDown, a 500 or a dropped connection (tests/object_store.FlakyS3). A `raydino pretrain` stopped by
+    SIGTERM after its first checkpoint ends like Ctrl-C (before: rc 134 and a C++ stack dump from Ray's
+    handler; now KILLED, checkpoint kept, one line, 143); the same run started again resumes from its
+    checkpoint in the bucket into one continuous MLflow history. The clients' retries (pyarrow's S3 retry
+    strategy, Ray Data's retried I/O errors, Ray Train's checkpoint upload retries, our download retries)
+    carry both through; only the one corrupt object is skipped, and every checkpoint in the bucket is complete
+    and reads back. (A driver killed with SIGKILL resumes the same way: tests/test_sweep_resume.py.)"""
+    from tests.test_operator_day import _driver_traceback, _finish, _start
+
     create_bucket("checkpoints")
-    proxy = flaky
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # what the driver resolves and hands to Ray
-    cfg = load_config(overrides=[
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint)  # what the driver resolves and hands to Ray
+    overrides = [
         *TINY_RUN, "data.batch_size_per_worker=8", "data.crop_batch_size=32", "eval.max_images=60",
         "data.source=imagefolder", f"data.path={bucket}/train", "checkpoint.storage_path=s3://checkpoints/runs",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.run_name=from-s3", "tracking.log_every_steps=1",
-        "optim.epochs=1",
-    ])
-    first = pretrain(cfg, log=lambda _: None)
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.run_name=T", "tracking.log_every_steps=1",
+        "optim.epochs=4",
+    ]
     steps_per_epoch = 80 // 2 // 8
-    assert first.result.steps == steps_per_epoch and first.result.skipped_images == 1
-    # the standard layout in the bucket gave the kNN its folders
-    params = MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id).data.params
-    assert params["eval.test_path"] == f"{bucket}/val" and "knn_top1" in first.final.metrics
-    stored = keys("s3://checkpoints/runs/from-s3")
-    assert any(k.startswith("checkpoint_") for k in stored), stored
+    proc, log = _start(tmp_path, ray_session, *overrides)  # joins the session's Ray, with this environment
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # this process watches the bucket without the faults
+    deadline = time.monotonic() + 300
+    while not _committed_in_bucket("s3://checkpoints/runs/T") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # 3 epochs still to go: mid-training
+    code = _finish(proc)
+    out = log.read_text()
+    assert code == 143, out[-3000:]
+    assert "raydino: terminated (SIGTERM): run 'T' stopped at step" in out
+    assert "tracking.run_name=T to resume" in out and "checkpoint_000000" in out
+    assert not _driver_traceback(out) and "SIGTERM received" not in out and "*** " not in out
+    # Ray's lines that read as errors in every run stay off the console (before: ~8 of them)
+    for noise in ("core_worker.cc", "RayDeprecationWarning", "PYTHON worker processes", "Token authentication"):
+        assert noise not in out, noise
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [killed] = client.search_runs([client.get_experiment_by_name(load_config().tracking.experiment).experiment_id])
+    assert killed.info.status == "KILLED"
+    assert _committed_in_bucket("s3://checkpoints/runs/T")
 
-    second = pretrain(with_overrides(cfg, {"optim.epochs": 2}), log=lambda _: None)
-    assert second.result.steps == 2 * steps_per_epoch
-    client = MlflowClient(second.tracking_uri)
-    history = sorted(m.step for m in client.get_metric_history(second.mlflow_run_id, "loss"))
-    # resumed from the checkpoint in the bucket: every step logged once, none trained twice
-    assert history == list(range(1, 2 * steps_per_epoch + 1)), history
-    assert second.mlflow_run_id == first.mlflow_run_id
-    assert second.result.skipped_images == 1  # the corrupt object only, not the objects whose reads failed
-    print(f"S3 faults injected: {proxy.injected}, requests passed: {proxy.forwarded}")
-    assert all(n > 0 for n in proxy.injected.values()), proxy.injected
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint)
+    lines: list[str] = []
+    resumed = pretrain(load_config(overrides=overrides), log=lines.append)
+    assert resumed.result.steps == 4 * steps_per_epoch
+    assert any("continuing MLflow run" in line for line in lines), lines
+    assert resumed.mlflow_run_id == killed.info.run_id
+    run = client.get_run(resumed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    # every step logged once: the resumed run neither lost the steps before the signal nor logged them twice
+    history = sorted(m.step for m in client.get_metric_history(resumed.mlflow_run_id, "loss"))
+    assert history == list(range(1, 4 * steps_per_epoch + 1)), history
+    assert resumed.result.skipped_images == 1  # the corrupt object only, not the objects whose reads failed
+    # the standard layout in the bucket gave the kNN its folders
+    assert run.data.params["eval.test_path"] == f"{bucket}/val" and "knn_top1" in resumed.final.metrics
+    print(f"S3 faults injected: {flaky.injected}, requests passed: {flaky.forwarded}")
+    assert all(n > 0 for n in flaky.injected.values()), flaky.injected
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    folders = checkpoint_folders("s3://checkpoints/runs/from-s3")
+    folders = checkpoint_folders("s3://checkpoints/runs/T")
     assert folders and all(checkpoint_complete(folder) for folder in folders), [f.uri for f in folders]
     for folder in folders:
         local = tmp_path / folder.name
