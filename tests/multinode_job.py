@@ -48,6 +48,7 @@ TINY = [
     "checkpoint.every_steps=0",  # at the epoch's end only: the notice's checkpoint is the one mid-epoch checkpoint
     "checkpoint.notice_poll_s=0.5",
 ]
+NODE_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 NOTICE_S = 20  # the notice's deadline: Ray Train stops waiting for the preempted workers then and restarts
 
 
@@ -71,7 +72,9 @@ def _committed_checkpoints(run_dir: Path) -> list[str]:
 
 def main(workdir: Path) -> None:
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"  # Ray Train's drain poll (5 s by default)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head takes no training
+    # the head takes no training; a node removed without grace is declared dead after 3 missed health checks a
+    # second apart (Ray's default: 5 missed, 3 s apart, ~15 s of the test waiting), as a cluster may set it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": NODE_DEATH_DETECTION})
     imds = [FakeIMDS().__enter__() for _ in range(3)]
     # three train nodes: two for the run, one to take over from the node that is removed
     train_nodes = [cluster.add_node(num_cpus=2, resources={"train_node": 1},
