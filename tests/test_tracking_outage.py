@@ -176,7 +176,8 @@ def test_points_still_unsent_at_the_end_go_to_a_file_in_the_run_directory_named_
     import json
 
     from raydino.config import load_config
-    from raydino.train.loop import WorkerPlan, _flush_tracking
+    from raydino.train.loop import _flush_tracking
+    from raydino.train.stream import WorkerPlan
     from tests.object_store import free_port
 
     for key, value in SHORT_RETRY_BUDGET.items():

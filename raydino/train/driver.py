@@ -34,7 +34,7 @@ from raydino.launch.plan import RunPlan, last_complete_checkpoint
 from raydino.step import TrainingDiverged
 from raydino.stores.run_storage import is_remote, join_storage, ray_storage, resolve_storage
 from raydino.train.entry import train_loop
-from raydino.train.loop import WorkerPlan, download_checkpoint
+from raydino.train.stream import WorkerPlan, download_checkpoint
 
 
 class PretrainError(RuntimeError):

@@ -9,7 +9,6 @@ rank 0.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -17,7 +16,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,71 +27,21 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydino.config import Config
 from raydino.data.augment import crop_names
-from raydino.data.pipeline import EarlyStart
 from raydino.eval.collapse import KNOBS, CollapseWatch
-from raydino.eval.data import EvalData
 from raydino.eval.evaluate import evaluate_network
 from raydino.eval.prototypes import kappa_statistics
 from raydino.models import normalize_crops
 from raydino.step import DINOStep, NonFiniteGuard, NonFiniteLossError
-from raydino.train.checkpoint import TrainState, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from raydino.train.checkpoint import TrainState, rng_state, set_rng_state, write_checkpoint
 from raydino.train.preemption import start_spot_watcher
 from raydino.train.progress import ProgressMeter
+from raydino.train.stream import WorkerPlan, WorkerStart
 
 if TYPE_CHECKING:
     from raydino.tracking import BackgroundLogger
 
 CHECKPOINT_PREFIX = "checkpoint"
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """What every worker receives from the driver (``train_loop_config={"plan": ray.put(plan)}``)."""
-
-    cfg: Config
-    steps_per_epoch: int
-    epoch_clock: Any
-    """``raydino.data.clock.EpochClock`` handle: the epoch the crop actors seed from."""
-    eval_data: EvalData | None = None
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    resume_from: ray.train.Checkpoint | None = None
-    """The newest checkpoint in the run's storage, for a restore when Ray Train has none on record: a run
-    stopped (SIGTERM, Ctrl-C) after a checkpoint was written but before Ray's controller recorded it
-    would otherwise start again from step 0 (Ray Train v2's documented pattern for resuming)."""
-    run_dir: str = ""
-    """The run's directory (local path or URI), as the user sees it: where unsent metrics are written."""
-    run_dir_location: tuple[str, Any] = ("", None)
-    """``run_dir`` as (path, pyarrow filesystem or None for a local path), resolved by the driver."""
-    tracking_env: dict[str, str] = field(default_factory=dict)
-    """The driver's ``MLFLOW_*`` variables (credentials, request retries and timeouts), set on rank 0 before it
-    logs: workers on other nodes do not inherit the driver's environment."""
-
-
-def download_checkpoint(checkpoint: Any, directory: str | os.PathLike[str]) -> Path:
-    """A Ray Train ``Checkpoint`` copied into a local ``directory``, retried with backoff on the object-store
-    errors Ray Data retries (``DataContext.retried_io_errors``: SlowDown, 503, internal and connection
-    failures). The S3 client retries each request, but a body cut short mid-download surfaces as an error
-    the client does not retry (seen under injected faults: "Failed to flush response stream")."""
-    from ray._common.retry import call_with_retry  # Ray Train's own retry of checkpoint uploads
-
-    errors = list(ray.data.DataContext.get_current().retried_io_errors)
-    target = str(directory)
-    return Path(call_with_retry(lambda: checkpoint.to_directory(target), "download the checkpoint", match=errors,
-                                max_attempts=5, max_backoff_s=8))
-
-
-@contextlib.contextmanager
-def checkpoint_directory(checkpoint: Any) -> Iterator[Path]:
-    """A Ray Train ``Checkpoint`` as a local directory: its own path on a local disk, else a retried download
-    (``download_checkpoint``) into a temporary directory removed afterwards."""
-    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-        yield Path(checkpoint.path)
-        return
-    with tempfile.TemporaryDirectory(prefix="raydino-restore-") as tmp:
-        yield download_checkpoint(checkpoint, tmp)
 
 
 def _say(line: str) -> None:
@@ -132,17 +80,16 @@ def _kappa_metrics(step_fn: DINOStep, teacher_temp: float) -> dict[str, float]:
 class _Worker:
     """One worker's run: position in the run, checkpoints, the non-finite policy, rank-0 logging."""
 
-    def __init__(self, plan: WorkerPlan) -> None:
+    def __init__(self, start: WorkerStart) -> None:
+        plan = start.plan
         self.plan, self.cfg = plan, plan.cfg
         self.ctx = ray.train.get_context()
         self.rank = self.ctx.get_world_rank()
-        self.device = ray.train.torch.get_device()
-        # the position first: the data stream starts from it, and its crop actors start while the model is built
-        self.state = self._read_checkpoint()
-        self.step, self.epoch, self.batch_in_epoch = (
-            self.state.position(plan.steps_per_epoch) if self.state is not None else (0, 0, 0)
-        )
-        self.stream = self._start_stream()
+        self.device = start.device
+        # the position and the data stream came first (raydino.train.stream): the crop actors start meanwhile
+        self.state = start.state
+        self.step, self.epoch, self.batch_in_epoch = start.step, start.epoch, start.batch_in_epoch
+        self.stream = start.stream
         self.step_fn = DINOStep.build(self.cfg, self.device, wrap_student=ray.train.torch.prepare_model)
         self.total_steps = plan.steps_per_epoch * self.cfg.optim.epochs
         self.last_checkpoint: int | None = None
@@ -182,14 +129,6 @@ class _Worker:
         nodes: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(nodes, node)
         return nodes.index(node) == self.rank
-
-    def _read_checkpoint(self) -> TrainState | None:
-        """The checkpoint this attempt resumes from (Ray Train's latest, else the newest in storage), or None."""
-        checkpoint = ray.train.get_checkpoint() or self.plan.resume_from
-        if checkpoint is None:
-            return None
-        with checkpoint_directory(checkpoint) as directory:
-            return read_checkpoint(directory, map_location=self.device)
 
     def restore(self) -> None:
         """Load the checkpoint read at start-up (the position already came from it) into the built model."""
@@ -295,26 +234,6 @@ class _Worker:
             self.collapse.record(metrics.get("teacher_entropy", math.nan), metrics.get("mean_target_entropy", math.nan))
         return metrics
 
-    def _start_stream(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One iterator for the whole run: one Ray Data execution, crop actors started once, at once
-        (``EarlyStart``). After a resume the stream starts afresh; the steps already trained are not replayed."""
-        if self.rank == 0:  # this attempt streams epochs epoch, epoch + 1, ... (see EpochClock)
-            ray.get(self.plan.epoch_clock.set.remote(self.epoch), timeout=60)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # no worker starts the data before the clock shows it
-        batch_size = self.cfg.data.batch_size_per_worker
-        return EarlyStart(iter(
-            ray.train.get_dataset_shard("train").iter_torch_batches(
-                batch_size=batch_size,
-                drop_last=True,
-                prefetch_batches=2,
-                local_shuffle_buffer_size=self.cfg.data.shuffle_buffer_batches * batch_size or None,
-                local_shuffle_seed=self.cfg.seed + 1000 * self.epoch + self.rank,
-                device="cpu",
-                pin_memory=self.device.type == "cuda",  # page-locked batches: normalize_crops copies non_blocking
-            )
-        ))
-
     def watch_collapse(self, epoch_metrics: dict[str, float]) -> None:
         """Rank 0: metric ``collapsed`` (0/1) every epoch; the first collapsed epoch prints one warning
         and tags the run ``raydino.collapse`` with what was seen."""
@@ -348,14 +267,12 @@ class _Worker:
         return epoch_metrics
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run by every Ray Train worker; ``loop_config["plan"]`` is the driver's ``WorkerPlan``, put in Ray's
-    object store (``build_trainer``)."""
+def train_loop_per_worker(start: WorkerStart) -> None:
+    """Run by every Ray Train worker (``raydino.train.entry``), once ``start_worker`` has started its data stream."""
     _quiet_report_logs()
-    plan: WorkerPlan = ray.get(loop_config["plan"])  # an object reference (raydino.train.entry)
-    cfg = plan.cfg
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    worker = _Worker(plan)
+    cfg = start.plan.cfg
+    plan = start.plan
+    worker = _Worker(start)
     worker.restore()
     names = crop_names(cfg.data.crops.local_number)
     try:
