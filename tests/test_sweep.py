@@ -382,8 +382,8 @@ def test_asha_sweep_stops_trials_ends_every_run_and_loses_no_metric(ray_session,
 def test_a_failing_trial_is_retried_then_reported_and_the_sweep_ends_well(ray_session, tmp_path):
     """A trial whose loss is NaN at every step fails both attempts and is reported (the skip policy: two steps
     skipped, the third in a row stops the run; the policy itself is unit-tested in tests/test_training_step.py);
-    the sweep itself finishes. A trial whose worker is killed is retried from its checkpoint to the end, with one
-    MLflow history: tests/test_sweep_resume.py, in the sweep whose driver is then killed."""
+    the sweep itself finishes. A trial whose worker is killed is retried (attempt 2) and continues from its checkpoint
+    with one MLflow history: tests/test_sweep_resume.py, in the sweep whose driver is killed during that retry."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = load_config(overrides=[*TINY, "optim.epochs=1", f"tracking.uri={uri}", "tracking.experiment=fail",
                                   "optim.nonfinite_loss=skip", "optim.max_nonfinite_in_a_row=3"])

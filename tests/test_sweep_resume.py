@@ -1,7 +1,8 @@
 """A sweep whose driver dies resumes with Tune's own restore (``--resume``): finished trials stay
 finished and are not trained again, unfinished ones continue from their checkpoints, the same MLflow
-parent run continues and no child run is duplicated. Before that, the same sweep loses a trial's Train
-worker: Tune retries the trial from its checkpoint, into the same MLflow history."""
+parent run continues and no child run is duplicated. Before that, the same sweep (two trials at once)
+loses one trial's Train worker: Tune retries the trial from its checkpoint, into the same MLflow history,
+and the driver is killed during that retry, once the other trial has finished."""
 
 from __future__ import annotations
 
@@ -70,10 +71,10 @@ def _refusal(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 def _sweep_args(tmp_path: Path, *extra: str) -> list[str]:
-    """1 arm x N seeds of a tiny DINO, one epoch each, one trial at a time, a checkpoint every 5 steps."""
+    """1 arm x N seeds of a tiny DINO, one epoch each, two trials at a time, a checkpoint every 5 steps."""
     return [
         str(SWEEPS / "kappa_ablation.py"), "--methods", "dino", "--prototypes", "normalised", "--centerings", "logit",
-        "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--max-concurrent", "2", "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
         "--experiment", EXPERIMENT, "--out", str(tmp_path / "report"),
         *TINY, "optim.epochs=1", "checkpoint.every_steps=5", *extra,  # last: `--resume` takes no override as NAME
     ]
@@ -111,23 +112,21 @@ def _kill_all(driver: subprocess.Popen[bytes] | None, ray_tmp: str) -> None:
 
 
 def _kill_a_train_worker_after_a_checkpoint(storage: Path, ray_tmp: str, killed: dict[str, object]) -> None:
-    """SIGKILL the Ray Train worker of the sweep's first trial once that trial's Train run has a committed
-    checkpoint (one trial at a time: while a single Train run exists, its worker is the only one)."""
+    """SIGKILL one Ray Train worker whose Train run (a trial's) has a committed checkpoint before its last step.
+    A worker's working directory is named after its Train run (Ray Train's ``chdir_to_working_dir``)."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        snapshots = list(storage.glob("*/train/*/checkpoint_manager_snapshot.json"))
-        if len(snapshots) > 1:
-            killed["missed"] = "the first trial ended before its worker was seen after a checkpoint"
-            return
-        if snapshots and (committed := _committed(snapshots[0])):
-            for proc in _ours(ray_tmp):
-                try:
-                    if proc.name().startswith("ray::RayTrainWo"):  # Ray's title, cut to 15 characters by the kernel
-                        proc.kill()
-                        killed.update(run=snapshots[0].parent.name, after=committed[-1])
-                        return
-                except psutil.NoSuchProcess:
-                    continue
+        committed = {snapshot.parent.name: names for snapshot in storage.glob("*/train/*/checkpoint_manager_snapshot.json")
+                     if (names := _committed(snapshot)) and int(names[-1].split("_")[1]) < STEPS}
+        for proc in _ours(ray_tmp) if committed else []:
+            try:
+                # Ray's title, cut to 15 characters by the kernel
+                if proc.name().startswith("ray::RayTrainWo") and (run := Path(proc.cwd()).name) in committed:
+                    proc.kill()
+                    killed.update(run=run, after=committed[run][-1])
+                    return
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
         time.sleep(0.2)
 
 
@@ -152,19 +151,23 @@ def _runs(client: MlflowClient) -> tuple[Any, list[Any]]:
     return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
-def _ready_to_kill(client: MlflowClient, storage: Path) -> dict[str, Any] | None:
-    """What the sweep looks like once one trial has FINISHED in MLflow and another has a committed Train
-    checkpoint that Tune's experiment snapshot in storage knows of; None before that."""
+def _ready_to_kill(client: MlflowClient, storage: Path, killed: dict[str, object]) -> dict[str, Any] | None:
+    """What the sweep looks like once one trial has FINISHED in MLflow and the other, whose worker was killed, is
+    in its second attempt (Tune's retry) with a committed Train checkpoint that Tune's experiment snapshot in
+    storage knows of; None before that."""
+    if "run" not in killed:
+        return None
     try:
         parent, children = _runs(client)
     except MlflowException:  # the store is being written
         return None
     finished = [c for c in children if c.info.status == "FINISHED"]
-    running = [c for c in children if c.info.status == "RUNNING"]
-    if parent is None or not finished or not running:
+    retried = [c for c in children if c.info.status == "RUNNING" and str(killed["run"]).endswith(
+        c.data.tags["raydino.trial_id"]) and c.data.tags.get("raydino.attempts") == "2"]
+    if parent is None or not finished or not retried:
         return None
     name = parent.data.tags["raydino.sweep"]
-    child = running[0]
+    child = retried[0]
     committed = _committed(storage / name / "train" / child.info.run_name / "checkpoint_manager_snapshot.json")
     snapshots = "".join(p.read_text(errors="replace") for p in (storage / name).glob("experiment_state-*.json"))
     if not committed or child.data.tags["raydino.trial_id"] not in snapshots:
@@ -177,7 +180,6 @@ def _ready_to_kill(client: MlflowClient, storage: Path) -> dict[str, Any] | None
         "done_times": (done.info.start_time, done.info.end_time),
         "done_loss": [(m.step, m.timestamp) for m in client.get_metric_history(done.info.run_id, "loss")],
         "resumed": child.info.run_id,
-        "resumed_attempts": int(child.data.tags["raydino.attempts"]),  # 2 if a retry came before the kill
         "checkpoint_step": int(committed[-1].split("_")[1]),
     }
 
@@ -186,7 +188,7 @@ def _ready_to_kill(client: MlflowClient, storage: Path) -> dict[str, Any] | None
 @pytest.mark.timeout(1200)
 def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
     ray_tmp = tempfile.mkdtemp(prefix="rdr-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAYDINO_TEST_CPUS": "5"}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAYDINO_TEST_CPUS": "8"}  # 2 trials at once
     env.pop("RAY_ADDRESS", None)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     storage = tmp_path / "runs"
@@ -202,7 +204,7 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
         before = None
         deadline = time.monotonic() + 600
         while before is None and time.monotonic() < deadline and first.poll() is None:
-            before = _ready_to_kill(client, storage)
+            before = _ready_to_kill(client, storage, killed)
             time.sleep(0.5)
         _kill_all(first, ray_tmp)  # the driver and its Ray, as a head restart would
         assert before is not None, (tmp_path / "first.log").read_text()[-4000:]
@@ -230,7 +232,7 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
         _kill_all(resumed, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    assert f"sweep {name!r}: 2 trial(s), up to 1 at a time; resumed (attempt 2) in MLflow parent run " \
+    assert f"sweep {name!r}: 2 trial(s), up to 2 at a time; resumed (attempt 2) in MLflow parent run " \
         f"{before['parent']}" in out
     assert "2 finished, 0 stopped early, 0 failed" in out
     # the unfinished trial's Train run continued from its latest checkpoint, not from step 0
@@ -243,15 +245,16 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
     assert len(children) == 2 and len({c.data.tags["raydino.trial_id"] for c in children}) == 2  # no duplicate
     assert {c.info.status for c in children} == {"FINISHED"}
     runs = {c.info.run_id: c for c in children}
-    done = runs[before["done"]]  # finished before the driver's kill: untouched since
+    done = runs[before["done"]]  # finished before the driver's kill: untouched since, one attempt
     assert (done.info.start_time, done.info.end_time) == before["done_times"]
     assert [(m.step, m.timestamp) for m in client.get_metric_history(done.info.run_id, "loss")] == before["done_loss"]
-    # its worker was killed after a checkpoint: Tune's retry went on from that checkpoint, into one history
-    assert killed["run"].endswith(done.data.tags["raydino.trial_id"]), killed
-    assert done.data.tags["raydino.attempts"] == "2"
+    assert done.data.tags["raydino.attempts"] == "1"
     assert sorted(step for step, _ in before["done_loss"]) == list(range(3, STEPS + 1, 3))
-    again = runs[before["resumed"]]  # killed mid-training: the same child run, one history
-    assert again.data.tags["raydino.attempts"] == str(before["resumed_attempts"] + 1)
+    # the other trial: its worker killed after a checkpoint, Tune's retry went on from that checkpoint (attempt 2),
+    # the driver killed during it, the resumed sweep continued it (attempt 3): the same child run, one history
+    again = runs[before["resumed"]]
+    assert str(killed["run"]).endswith(again.data.tags["raydino.trial_id"]), killed
+    assert again.data.tags["raydino.attempts"] == "3"
     assert "final_knn_top1" in again.data.metrics
     assert sorted(m.step for m in client.get_metric_history(again.info.run_id, "loss")) == list(range(3, STEPS + 1, 3))
 
