@@ -270,8 +270,8 @@ class _Worker:
 def train_loop_per_worker(start: WorkerStart) -> None:
     """Run by every Ray Train worker (``raydino.train.entry``), once ``start_worker`` has started its data stream."""
     _quiet_report_logs()
-    cfg = start.plan.cfg
     plan = start.plan
+    cfg = plan.cfg
     worker = _Worker(start)
     worker.restore()
     names = crop_names(cfg.data.crops.local_number)
