@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,7 +275,7 @@ def train_loop_per_worker(start: WorkerStart) -> None:
     worker.restore()
     names = crop_names(cfg.data.crops.local_number)
     try:
-        _train(worker, plan, worker.stream, names)
+        _train(worker, plan, names)
     finally:
         if worker.spot_watcher is not None:
             worker.spot_watcher.stop()
@@ -311,14 +310,14 @@ def _flush_tracking(logger: BackgroundLogger, plan: WorkerPlan) -> None:
          f"(send them when it answers: raydino replay-metrics {plan.run_dir}/{name})")
 
 
-def _train(worker: _Worker, plan: WorkerPlan, stream: Iterator[dict[str, torch.Tensor]], names: list[str]) -> None:
+def _train(worker: _Worker, plan: WorkerPlan, names: list[str]) -> None:
     cfg = plan.cfg
     metrics: dict[str, float] = {}
     while worker.epoch < cfg.optim.epochs:
         started = time.perf_counter()
         while worker.batch_in_epoch < plan.steps_per_epoch:
             waiting = time.perf_counter()
-            batch = next(stream, None)
+            batch = next(worker.stream, None)
             if batch is None:
                 raise RuntimeError(
                     f"the data stream ended at step {worker.step} of {worker.total_steps}: the dataset yielded fewer "
