@@ -42,29 +42,41 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    """One 2-epoch iBOT-vMF run shared by the tracking test and the CLI test (a Ray Train run costs ~40 s
-    here); DINO-vMF runs end to end in the other tests of this module and in test_multinode."""
+    """One 3-epoch iBOT-vMF run that four tests read (a Ray Train run costs ~20 s here), each about something
+    a run must do or report on its own: track and export everything; train from an image folder with a corrupt
+    file and count it; with the teacher at temperature 1 (targets uniform from the start), warn of the collapse
+    once and tag it; hand the CLI a checkpoint to evaluate and export. DINO-vMF runs end to end in the other
+    tests of this module and in test_multinode. Returns the store's folder, the image folder, the summary and
+    what the run printed (the workers' lines too)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
-    cfg = _cfg(tmp_path, "optim.epochs=2", "tracking.run_name=e2e", "tracking.experiment=e2e",
-               f"checkpoint.storage_path={tmp_path / 'runs'}", "loss.method=ibot", "loss.vmf=true",
+    root = small_imagefolder(tmp_path / "folder")
+    cfg = _cfg(tmp_path, "optim.epochs=3", "data.source=imagefolder", f"data.path={root}",
+               "data.batch_size_per_worker=8", f"eval.train_path={root}", f"eval.test_path={root}",
+               "tracking.run_name=e2e", "tracking.experiment=e2e", f"checkpoint.storage_path={tmp_path / 'runs'}",
+               "loss.method=ibot", "loss.vmf=true", "loss.teacher_temp=1.0", "loss.warmup_teacher_temp=1.0",
+               "loss.koleo_weight=0",
                "tracking.progress_seconds=0.001", "tracking.system_metrics=true",  # a progress window every step
                "tracking.log_model=true")  # the one end-to-end run that logs the MLflow model
     loads = []
-
-    with pytest.MonkeyPatch.context() as mp:  # count the evaluation-data loads of the whole run
-        for module in (driver, pretrain_module):
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # Ray prints the workers' lines here
+        for module in (driver, pretrain_module):  # count the evaluation-data loads of the whole run
             mp.setattr(module, "load_eval_data", lambda *a, _f=module.load_eval_data, **k: loads.append(1) or _f(*a, **k))
-        summary = pretrain(cfg, log=lambda _: None)
+        summary = pretrain(cfg, log=print)
     assert len(loads) == 1, "the evaluation data is loaded once per run (the final evaluation reuses it)"
-    return tmp_path, summary
+    return tmp_path, root, summary, printed.getvalue()
+
+
+STEPS = 3 * (80 // 2 // 8)
+"""5 steps x 2 workers x 8 planned from 80 files a pass, 3 epochs; a pass holds 79 rows: the spare pass fills
+the last step of each."""
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
-    tmp_path, summary = trained
-    steps_per_epoch = 1347 // 2 // 16
-    assert summary.result.steps == 2 * steps_per_epoch
+    tmp_path, _, summary, _ = trained
+    assert summary.result.steps == STEPS
 
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(summary.mlflow_run_id)
@@ -79,7 +91,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
     assert len(losses) == summary.result.steps // 2 and all(np.isfinite(m.value) for m in losses)
     for term in ("cls_loss", "patch_loss"):  # both iBOT terms at every logged step
         assert [m.step for m in client.get_metric_history(run.info.run_id, term)] == [m.step for m in losses]
-    assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2  # once per epoch
+    assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 3  # once per epoch
     # throughput within the epoch (a window per step here): global images/s, step time, data-wait share
     rates = client.get_metric_history(run.info.run_id, "images_per_second")
     assert len(rates) >= summary.result.steps // 2 and all(m.value > 0 for m in rates)
@@ -118,7 +130,7 @@ def test_pretrain_tracks_params_metrics_artifacts_and_exports(trained):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_evaluate_and_export(trained, tmp_path, capsys):
-    checkpoint = trained[1].result.checkpoint_dir
+    checkpoint = trained[2].result.checkpoint_dir
     capsys.readouterr()
     assert main(["evaluate", str(checkpoint)]) == 0
     out = capsys.readouterr().out
@@ -160,31 +172,12 @@ def test_stream_has_spare_passes_for_skipped_files():
         assert 0.9 * stream_passes(epochs) >= epochs  # 10% of the files may turn out undecodable
 
 
-@pytest.fixture(scope="module")
-def folder_run(ray_session, tmp_path_factory):
-    """One run that two tests read, each about something a run must report on its own: an image folder
-    with a corrupt file, and a teacher at temperature 1 with DINO's logit centering (targets uniform from
-    the start: collapse). Returns the folder, the summary and what the run printed (workers' lines too)."""
-    tmp_path = tmp_path_factory.mktemp("folder")
-    root = small_imagefolder(tmp_path / "folder")
-
-    cfg = _cfg(tmp_path, "optim.epochs=3", "data.source=imagefolder", f"data.path={root}",
-               "data.batch_size_per_worker=8", "tracking.run_name=folder", f"checkpoint.storage_path={tmp_path / 'runs'}",
-               "loss.vmf=false", "loss.teacher_temp=1.0", "loss.warmup_teacher_temp=1.0",
-               "loss.koleo_weight=0")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # Ray prints the workers' lines here
-        summary = pretrain(cfg, log=print)
-    return root, summary, printed.getvalue()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(folder_run):
-    root, summary, _ = folder_run
+def test_imagefolder_with_a_corrupt_file_trains_and_counts_it(trained):
+    _, root, summary, _ = trained
     assert summary.result.skipped_images == 1
-    # 5 steps x 2 workers x 8 planned from 80 files; one pass holds 79 rows: the spare pass fills the last step
-    assert summary.result.steps == 3 * (80 // 2 // 8)
+    assert summary.result.steps == STEPS
     run = MlflowClient(summary.tracking_uri).get_run(summary.mlflow_run_id)
     assert run.data.metrics["skipped_images"] == 1
     # the same folder evaluates a checkpoint (80/20 split into kNN bank and test set)
@@ -219,9 +212,9 @@ def test_a_slow_data_stage_shows_in_the_data_wait(ray_session, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_a_run_made_to_collapse_warns_once_and_is_tagged(folder_run):
+def test_a_run_made_to_collapse_warns_once_and_is_tagged(trained):
     """The collapse watch's rules are unit-tested in tests/test_collapse.py; here a real run trips them."""
-    _, summary, printed = folder_run
+    _, _, summary, printed = trained
     warnings = [line for line in printed.splitlines() if "raydino: warning: collapse:" in line]
     assert len(warnings) == 1, printed[-3000:]
     assert "uniform over epoch 2" in warnings[0] and "loss.teacher_temp" in warnings[0]
