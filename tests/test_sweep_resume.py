@@ -55,8 +55,8 @@ def test_a_restored_tuner_reports_to_the_live_bookkeeping():
     assert restored.outcomes == live.outcomes
 
 
-def _refusal(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """The sweep script run in this process (``args`` without the script path): its exit code and stderr."""
+def _in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The sweep script run in this process (``args`` without the script path): its exit code, stdout, stderr."""
     from tests.test_sweep import _script
 
     ablation = _script("kappa_ablation")
@@ -67,7 +67,8 @@ def _refusal(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         sys.path.remove(str(SWEEPS))
     capsys.readouterr()
     code = run_cli(lambda: ablation.main(args[1:]))
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def _sweep_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -186,13 +187,13 @@ def _ready_to_kill(client: MlflowClient, storage: Path, killed: dict[str, object
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
+def test_a_killed_sweep_driver_resumes_where_it_was(ray_session, tmp_path, capsys):
     ray_tmp = tempfile.mkdtemp(prefix="rdr-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAYDINO_TEST_CPUS": "8"}  # 2 trials at once
     env.pop("RAY_ADDRESS", None)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     storage = tmp_path / "runs"
-    first = resumed = None
+    first = None
     try:
         killed: dict[str, object] = {}
         killer = threading.Thread(target=_kill_a_train_worker_after_a_checkpoint, args=(storage, ray_tmp, killed),
@@ -206,37 +207,30 @@ def test_a_killed_sweep_driver_resumes_where_it_was(tmp_path, capsys):
         while before is None and time.monotonic() < deadline and first.poll() is None:
             before = _ready_to_kill(client, storage, killed)
             time.sleep(0.5)
-        _kill_all(first, ray_tmp)  # the driver and its Ray, as a head restart would
-        assert before is not None, (tmp_path / "first.log").read_text()[-4000:]
-        assert "run" in killed, killed
-        name = before["name"]
-
-        # a name that is not there, or other settings, are refused in one line before Ray starts
-        code, err = _refusal(_sweep_args(tmp_path, "--seeds", "2", "--resume", "nope"), capsys)
-        assert code == 2 and "Traceback" not in err, err
-        assert "cannot resume sweep 'nope'" in err and f"can be resumed there: {name}" in err
-        code, err = _refusal(_sweep_args(tmp_path, "--seeds", "1", "--resume"), capsys)
-        assert code == 2 and "was started with other settings (seed: 'grid [0, 1]' then, 'grid [0]' now" in err, err
-
-        with (tmp_path / "resume.log").open("w") as log:  # --resume alone: the newest resumable sweep
-            resumed = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "2", "--resume")],
-                                       env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        try:
-            code = resumed.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            code = None
-        out = (tmp_path / "resume.log").read_text()
-        assert code == 0, out[-4000:]
     finally:
-        _kill_all(resumed, ray_tmp)
+        _kill_all(first, ray_tmp)  # the driver and its Ray, as a head restart would
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert before is not None, (tmp_path / "first.log").read_text()[-4000:]
+    assert "run" in killed, killed
+    name = before["name"]
+
+    # a name that is not there, or other settings, are refused in one line before Ray starts
+    code, _, err = _in_process(_sweep_args(tmp_path, "--seeds", "2", "--resume", "nope"), capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot resume sweep 'nope'" in err and f"can be resumed there: {name}" in err
+    code, _, err = _in_process(_sweep_args(tmp_path, "--seeds", "1", "--resume"), capsys)
+    assert code == 2 and "was started with other settings (seed: 'grid [0, 1]' then, 'grid [0]' now" in err, err
+
+    # --resume alone: the newest resumable sweep, from its storage, on another Ray than the one killed (this
+    # session's, as a restarted head's would be): what it needs is in storage and in the MLflow store
+    code, out, err = _in_process(_sweep_args(tmp_path, "--seeds", "2", "--resume"), capsys)
+    assert code == 0, (out + err)[-4000:]
 
     assert f"sweep {name!r}: 2 trial(s), up to 2 at a time; resumed (attempt 2) in MLflow parent run " \
         f"{before['parent']}" in out
     assert "2 finished, 0 stopped early, 0 failed" in out
     # the unfinished trial's Train run continued from its latest checkpoint, not from step 0
-    steps = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
+    steps = [int(s) for s in re.findall(r"resumed from step (\d+)", out + err)]
     assert len(steps) == 1 and before["checkpoint_step"] <= steps[0] < STEPS, out[-4000:]
 
     parent, children = _runs(client)
