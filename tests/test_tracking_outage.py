@@ -23,14 +23,25 @@ SHORT_RETRY_BUDGET = {  # a failed request is given up on at once: any outage ou
 }
 
 
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory: pytest.TempPathFactory):
+    """One server (and its store) for the module's tests, each in an experiment of its own: starting one costs
+    ~5 s here. Every test stops it and starts it again at least once."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SHORT_RETRY_BUDGET.items():
+            mp.setenv(key, value)
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+        server.start()
+        yield server
+        server.stop()
+
+
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for key, value in SHORT_RETRY_BUDGET.items():
-        monkeypatch.setenv(key, value)
-    server = MlflowServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+def server(_module_server: MlflowServer):
+    """The module's server, running (started again if a test before this one failed while it was down)."""
+    if _module_server.proc is None:
+        _module_server.start()
+    return _module_server
 
 
 class _Loop:
@@ -114,13 +125,15 @@ def test_what_never_arrived_is_returned_in_order_and_replays_once(server: Mlflow
     assert f"MLflow at {server.uri} did not take the points for run {'f' * 32}" in err and "Traceback" not in err, err
 
 
-def _stop_during_training(server: MlflowServer, outage_s: float, window: dict[str, float]) -> None:
-    """Watch the server's own store (its SQLite file, readable while it is down); once the run has logged 6
-    steps, stop the server for ``outage_s``, then start it again. Records the outage's wall-clock window (ms)."""
+def _stop_during_training(server: MlflowServer, experiment: str, outage_s: float, window: dict[str, float]) -> None:
+    """Watch the server's own store (its SQLite file, readable while it is down); once the run in ``experiment``
+    has logged 6 steps, stop the server for ``outage_s``, then start it again. Records the outage's wall-clock
+    window (ms)."""
     store = MlflowClient(server.store)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        runs = store.search_runs([e.experiment_id for e in store.search_experiments()], "attributes.status = 'RUNNING'")
+        found = store.get_experiment_by_name(experiment)
+        runs = store.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
         if runs and len(store.get_metric_history(runs[0].info.run_id, "loss")) >= 6:
             window["stopped"] = time.time() * 1000
             server.stop()
@@ -142,9 +155,10 @@ def test_a_run_trains_through_a_tracking_outage_at_its_pace_and_logs_every_step(
 
     cfg = load_config(overrides=[*TINY_RUN, "data.batch_size_per_worker=16", "data.crop_batch_size=32",
                                  "eval.max_images=120", "optim.epochs=2", "tracking.log_every_steps=1",
-                                 f"tracking.uri={server.uri}", f"checkpoint.storage_path={tmp_path / 'runs'}"])
+                                 f"tracking.uri={server.uri}", "tracking.experiment=pace",
+                                 f"checkpoint.storage_path={tmp_path / 'runs'}"])
     window: dict[str, float] = {}
-    watcher = threading.Thread(target=_stop_during_training, args=(server, 8.0, window), daemon=True)
+    watcher = threading.Thread(target=_stop_during_training, args=(server, "pace", 8.0, window), daemon=True)
     watcher.start()
     summary = pretrain(cfg, log=lambda _: None)
     watcher.join(timeout=120)
