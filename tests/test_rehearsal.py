@@ -4,9 +4,11 @@ ImageNet geometry, the imagenet_vit_small code path at tiny sizes."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -69,6 +71,7 @@ def test_rehearsal_on_an_autoscaling_cluster(tmp_path, monkeypatch):
     # autoscaling cluster (nodes start while Ray Train waits) would hit
     monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
     # one trial (the command's default is two): one GPU node and one CPU node show the autoscaler at work
+    started = time.time()
     report = rehearse(CLUSTER, tmp_path, per_class=8, timeout=900, seeds=1)
     print("\n".join(report.lines()))
     assert report.job_status == "SUCCEEDED"
@@ -80,4 +83,9 @@ def test_rehearsal_on_an_autoscaling_cluster(tmp_path, monkeypatch):
     assert len(report.trial_starts) == 1 and min(report.trial_starts) >= first_train_node - 1.0, report.lines()
     assert report.crop_actor_nodes and set(report.crop_actor_nodes) == {"cpu_worker"}, report.lines()
     assert sorted(report.runs.values()) == ["FINISHED"] * 2, report.runs  # the parent and its child
-    assert report.processes_stopped > 0 and not _marked_processes(report.marker)
+    # every process of the cluster is gone, those whose marker Ray overwrote (its dashboard agent) too
+    assert report.processes_stopped and not _marked_processes(report.marker)
+    orphans = [p.info for p in psutil.process_iter(["pid", "ppid", "name", "create_time", "status"])
+               if p.info["create_time"] >= started and p.info["ppid"] == 1 and p.info["name"].startswith("ray::")
+               and p.info["status"] != psutil.STATUS_ZOMBIE]  # killed; init reaps it in its own time
+    assert not orphans, orphans

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -127,14 +126,28 @@ def _free_port() -> int:
 
 
 def _marked_processes(marker: str) -> list[Any]:
+    """The processes carrying ``marker`` and their descendants: Ray retitles some of its processes over the
+    memory that held their environment (the head's dashboard agent), so the marker cannot be read there; left
+    behind, that agent spins a core at 100% once its raylet is gone."""
     import psutil
 
-    found = []
+    found: dict[int, Any] = {}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if proc.environ().get(MARKER) == marker:
-                found.append(proc)
-    return found
+                found[proc.pid] = proc
+                found.update((child.pid, child) for child in proc.children(recursive=True))
+    return list(found.values())
+
+
+def _alive(proc: Any) -> bool:
+    """Running and not a zombie (a killed process its parent has not reaped yet is gone for our purpose)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
@@ -190,15 +203,19 @@ class FakeCluster:
         subprocess.run(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, check=True, timeout=timeout,
                        start_new_session=True)
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGKILL every process carrying this cluster's marker, until none is left; the count killed."""
-        killed = 0
+    def stop(self, timeout: float = 60.0) -> list[int]:
+        """SIGKILL every process carrying this cluster's marker and their descendants, until none is left
+        (each found before its parent dies: an orphan's parent is init); the pids killed."""
+        import psutil
+
+        killed: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
-        while procs := _marked_processes(self.marker):
+        while procs := [p for p in _marked_processes(self.marker) if p.pid not in killed] or [
+                p for p in killed.values() if _alive(p)]:
             for proc in procs:
-                with contextlib.suppress(Exception):
-                    os.kill(proc.pid, signal.SIGKILL)
-            killed += len(procs)
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                killed[proc.pid] = proc
             if time.monotonic() > deadline:
                 raise RehearsalError(f"{len(procs)} rehearsal process(es) survived SIGKILL for {timeout:.0f} s")
             time.sleep(0.5)
@@ -207,7 +224,7 @@ class FakeCluster:
         for session in self.temp_dir.glob("session_2*"):
             shutil.copytree(session / "logs", logs / session.name, dirs_exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return killed
+        return sorted(killed)
 
     def monitor_log(self) -> str:
         path = self.temp_dir / "session_latest" / "logs" / "monitor.log"
@@ -252,7 +269,8 @@ class RehearsalReport:
     """Each trial's "multi-crop used N actor(s) (pool lo..hi), R images/s per busy actor" line."""
     marker: str = ""
     """The environment marker of the rehearsal cluster's processes."""
-    processes_stopped: int = 0
+    processes_stopped: list[int] = field(default_factory=list)
+    """The pids of the cluster's processes, SIGKILLed at the end."""
 
     def lines(self) -> list[str]:
         out = [f"rehearsal: job {self.job_status} in {self.seconds:.0f} s"]
