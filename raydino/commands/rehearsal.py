@@ -17,7 +17,7 @@ geometry, the ``imagenet_vit_small`` code path at tiny sizes.
    takes: the fake nodes share this disk); the trials wait as PENDING until nodes come up;
 4. reads back what happened: job status, nodes added and when, where the crop actors ran, the
    MLflow parent and child runs; then stops every process of the rehearsal cluster (by an
-   environment marker: ``ray stop`` would stop every Ray on the machine).
+   environment marker, and their descendants: ``ray stop`` would stop every Ray on the machine).
 
 No Ray import at module level: the driver here is the ``ray`` CLI, as for a user.
 """
