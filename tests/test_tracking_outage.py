@@ -5,6 +5,7 @@ its pace, and every point of every step ends up in the store (raydino.tracking.B
 from __future__ import annotations
 
 import itertools
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -45,20 +46,25 @@ def server(_module_server: MlflowServer):
 
 
 class _Loop:
-    """A training loop's cadence: 20 ms of work per step, every step's metrics logged."""
+    """A training loop's cadence: 20 ms of work per step, every step's metrics logged. Records how long each
+    ``log_metrics`` call held the loop: what tracking costs a step, whatever else the machine is doing."""
 
     def __init__(self, logger: BackgroundLogger) -> None:
         self.logger, self.step = logger, 0
 
-    def run(self, seconds: float = 0.0, until: threading.Thread | None = None) -> float:
-        """Steps for ``seconds`` (or while ``until`` is alive); returns the steps per second."""
-        start, steps = time.monotonic(), 0
+    def run(self, seconds: float = 0.0, until: threading.Thread | None = None) -> dict[str, float]:
+        """Steps for ``seconds`` (or while ``until`` is alive): steps per second, and the seconds spent in
+        ``log_metrics`` per step (median) and as a share of the phase."""
+        start, held = time.monotonic(), []
         while (until.is_alive() if until is not None else time.monotonic() - start < seconds):
             time.sleep(0.02)
+            called = time.perf_counter()
             self.logger.log_metrics({"loss": 1.0 / (self.step + 1), "lr": 1e-3}, self.step)
+            held.append(time.perf_counter() - called)
             self.step += 1
-            steps += 1
-        return steps / (time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        return {"steps_per_s": round(len(held) / elapsed, 1), "median_log_s": statistics.median(held),
+                "log_share": sum(held) / elapsed}
 
 
 @pytest.mark.slow
@@ -81,8 +87,12 @@ def test_an_outage_longer_than_the_retry_budget_costs_no_step_and_no_point(serve
     after = loop.run(3)
     unsent = logger.close(60)
 
-    rates = {"before": before, "away": away, "restarting": restarting, "after": after}
-    assert min(away, restarting) >= 0.9 * before, rates
+    phases = {"before": before, "away": away, "restarting": restarting, "after": after}
+    # the loop's pace is its own: logging held no step while the store was away or restarting, measured as the
+    # time in log_metrics, not as steps per second (which another job on the machine moves too). Here a call
+    # queues in ~0.1 ms (0.5% of the loop); one failed request to the dead server, sent in the call, costs ~0.9 ms
+    for phase in (away, restarting):
+        assert phase["median_log_s"] <= 0.0005 and phase["log_share"] <= 0.025, phases
     assert unsent == [] and logger.pending == 0
     assert logger.offers >= 1  # batches MLflow gave up on were held and offered again
     assert len([line for line in lines if "tracking is behind" in line]) == 1, lines
