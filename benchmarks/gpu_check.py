@@ -144,12 +144,11 @@ def _run_figures(tracking_uri: str, run_id: str) -> dict[str, Any]:
     return figures
 
 
-def _seconds_to_first_step(tracking_uri: str, run_id: str, called: float, after_step: int = 0) -> float | None:
-    """Seconds from ``called`` (``time.time()`` when ``pretrain`` was called) to the first loss logged
-    after ``after_step``: Ray's start-up, the data's first batch and, with ``optim.compile``, the compiling."""
-    from mlflow import MlflowClient
-
-    times = [m.timestamp for m in MlflowClient(tracking_uri).get_metric_history(run_id, "loss") if m.step > after_step]
+def _seconds_to_first_step(losses: list[Any], called: float, after_step: int = 0) -> float | None:
+    """Seconds from ``called`` (``time.time()`` when ``pretrain`` was called) to the first of the run's logged
+    ``losses`` after ``after_step``: Ray's start-up, the data's first batch and, with ``optim.compile``, the
+    compiling."""
+    times = [m.timestamp for m in losses if m.step > after_step]
     return round(min(times) / 1000 - called, 1) if times else None
 
 
@@ -204,6 +203,8 @@ class PretrainChecks:
         return pretrain(cfg, log=lambda line: print(line, flush=True)), called
 
     def pretrain(self) -> dict[str, Any]:
+        from mlflow import MlflowClient
+
         summary, called = self._pretrain(self.overrides("eager", 1), ray_first=True)
         figures = _run_figures(summary.tracking_uri, summary.mlflow_run_id)
         steps = self.images // self.batch
@@ -212,7 +213,8 @@ class PretrainChecks:
         self.checkpoint = Path(summary.result.checkpoint_dir)
         if not (self.checkpoint / "state.pt").is_file():
             raise AssertionError(f"no checkpoint at {self.checkpoint}")
-        self.first_step_s = _seconds_to_first_step(summary.tracking_uri, summary.mlflow_run_id, called)
+        losses = MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "loss")
+        self.first_step_s = _seconds_to_first_step(losses, called)
         return {"steps": summary.result.steps, "batch": self.batch, **figures,
                 "seconds_to_first_step": self.first_step_s, "checkpoint": self.checkpoint.name}
 
@@ -223,14 +225,15 @@ class PretrainChecks:
 
         summary, called = self._pretrain(self.overrides("eager", 2, "optim.compile=true"))
         steps = 2 * (self.images // self.batch)
-        history = sorted(m.step for m in MlflowClient(self.uri).get_metric_history(summary.mlflow_run_id, "loss"))
+        losses = MlflowClient(self.uri).get_metric_history(summary.mlflow_run_id, "loss")
+        history = sorted(m.step for m in losses)
         if summary.result.steps != steps or history != list(range(1, steps + 1)):
             raise AssertionError(f"resumed run: {summary.result.steps} steps of {steps}; logged steps {history}")
         self.checkpoint = Path(summary.result.checkpoint_dir)
         figures = _run_figures(self.uri, summary.mlflow_run_id)
         if figures["mlflow_status"] != "FINISHED":
             raise AssertionError(f"MLflow run {figures['mlflow_status']}")
-        first = _seconds_to_first_step(self.uri, summary.mlflow_run_id, called, after_step=steps // 2)
+        first = _seconds_to_first_step(losses, called, after_step=steps // 2)
         figures["seconds_to_first_step"] = first
         if self.first_step_s is not None and first is not None:
             figures["compile_overhead_s"] = round(first - self.first_step_s, 1)
