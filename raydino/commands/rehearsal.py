@@ -210,14 +210,16 @@ class FakeCluster:
 
         killed: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
-        while procs := [p for p in _marked_processes(self.marker) if p.pid not in killed] or [
-                p for p in killed.values() if _alive(p)]:
-            for proc in procs:
+        while True:
+            for proc in _marked_processes(self.marker):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
                 killed[proc.pid] = proc
+            left = [p for p in killed.values() if _alive(p)]
+            if not left:
+                break
             if time.monotonic() > deadline:
-                raise RehearsalError(f"{len(procs)} rehearsal process(es) survived SIGKILL for {timeout:.0f} s")
+                raise RehearsalError(f"{len(left)} rehearsal process(es) survived SIGKILL for {timeout:.0f} s")
             time.sleep(0.5)
         logs = self.workdir / "ray-logs"  # kept for reading after the cluster is gone
         shutil.rmtree(logs, ignore_errors=True)
