@@ -12,8 +12,12 @@ the same files, timed after their first epoch (start-up excluded):
 - DINO's own pipeline: ``main_dino.py``'s ``DataAugmentationDINO`` (PIL and torchvision's v1
   transforms, image by image, float output) over ``ImageFolder`` in a DataLoader, transcribed here.
 
-Per core = images/s / cores used: ``--workers`` for the DataLoaders, ``--workers`` + 1 for Ray Data
-(its decode tasks run beside the crop actors).
+Per core = images/s / the cores a pipeline occupies, never more than the machine has: ``--workers``
+for the DataLoaders, ``--workers`` + 1 for Ray Data (its decode tasks run beside the crop actors).
+The default gives every pipeline the whole machine (``--workers`` = its cores), as one would run
+it: each then has the same cores, and per core is images/s over them. With fewer workers than
+cores a pipeline leaves cores idle, and the ratio then depends on how it is charged for them; the
+images per busy CPU second (the whole machine's, from /proc/stat) are printed beside it either way.
 From raydino's figure it prints how many cores (and crop actors) one GPU needs to be fed at
 ``--gpu-images-per-second`` (a measured ``benchmarks/gpu_step.py`` figure, or a published one).
 """
@@ -150,10 +154,11 @@ def _ray(root: Path, cfg, workers: int, batch: int, epochs: int) -> Iterable[int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=1, help="worker processes per pipeline (crop actors for Ray)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes per pipeline (crop actors for Ray); default: this machine's cores")
     parser.add_argument("--images-per-class", type=int, default=48, help="JPEGs per class (two classes)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="images per DataLoader batch and per crop-actor call")
     parser.add_argument("--preset", default="imagenet_vit_small")
     parser.add_argument("--gpu-images-per-second", type=float, default=None,
@@ -188,25 +193,29 @@ def main(argv: list[str] | None = None) -> None:
                                           for k, v in rates.items()), flush=True)
         ray.shutdown()
     crops = cfg.data.crops
+    machine = os.cpu_count() or 1
     print(f"multicrop at ImageNet geometry: {len(files)} JPEGs (333-427 x 440-560 px), 2x{crops.global_size}+"
           f"{crops.local_number}x{crops.local_size} crops ({args.preset}), {args.workers} worker(s) each "
-          f"(+1 CPU for Ray Data's decode tasks), median of {args.rounds} rounds, machine {os.cpu_count()} CPUs")
+          f"(+1 CPU for Ray Data's decode tasks), median of {args.rounds} rounds, machine {machine} CPUs")
     dino = rates["DINO's pipeline"]
-    cores = {"raydino (Ray Data)": args.workers + 1}  # its crop actors plus the CPU of the decode tasks
+    # the cores each pipeline occupies (Ray: its crop actors plus the decode tasks), at most the machine's
+    cores = {name: min(machine, args.workers + (name == "raydino (Ray Data)")) for name in rates}
     per_core: dict[str, float] = {}
     for name, values in rates.items():
         median = statistics.median(values)
-        per_core[name] = median / cores.get(name, args.workers)
+        per_core[name] = median / cores[name]
         ratio = statistics.median(v / d for v, d in zip(values, dino))
         measured = statistics.median(per_cpu[name])
         measured_ratio = statistics.median(v / d for v, d in zip(per_cpu[name], per_cpu["DINO's pipeline"]))
-        print(f"  {name:26s} {median:7.1f} images/s on {cores.get(name, args.workers)} core(s): "
-              f"{per_core[name]:6.1f} per core  (images/s ratio to DINO's {ratio:.2f}); measured: {measured:6.1f} "
+        # the issue's figure: per core against DINO's, the median over rounds of each round's ratio
+        core_ratio = statistics.median(v / cores[name] / (d / cores["DINO's pipeline"]) for v, d in zip(values, dino))
+        print(f"  {name:26s} {median:7.1f} images/s on {cores[name]} core(s): {per_core[name]:6.1f} per core, "
+              f"ratio to DINO's {core_ratio:.2f} (images/s ratio {ratio:.2f}); measured: {measured:6.1f} "
               f"images per busy CPU second, ratio to DINO's {measured_ratio:.2f}")
     per_core = per_core["raydino (Ray Data)"]
     if args.gpu_images_per_second:
-        cores = args.gpu_images_per_second / per_core
-        print(f"  one GPU at {args.gpu_images_per_second:.0f} images/s needs about {cores:.0f} CPU cores of "
+        needed = args.gpu_images_per_second / per_core
+        print(f"  one GPU at {args.gpu_images_per_second:.0f} images/s needs about {needed:.0f} CPU cores of "
               "decoding and multi-crop at this per-core rate")
     else:
         print(f"  cores per GPU = (GPU training images/s) / {per_core:.1f}; pass --gpu-images-per-second")

@@ -14,6 +14,7 @@ which at DINO's small crop sizes costs a fraction of the per-image calls.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -92,13 +93,20 @@ class MultiCrop:
         """
         if len(images) != len(seeds):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
-        rgb = [self.to_rgb(image) for image in images]
+        rgb = [_channels_last(self.to_rgb(image)) for image in images]
         params: list[list[list[dict[str, Any] | None]]] = []  # [image][view][step]
         with torch.random.fork_rng(devices=[]):
             for image, seed in zip(rgb, seeds):
                 torch.default_generator.manual_seed(seed)
                 params.append([plan.draw(image) for plan in self._plans])
         return [plan.apply(rgb, [p[v] for p in params]) for v, plan in enumerate(self._plans)]
+
+
+def _channels_last(image: Tensor) -> Tensor:
+    """The same (3, H, W) image laid out channel-last in memory: torchvision's uint8 antialiased resize works
+    channel-last, so each crop of a CHW-contiguous image was copied into that layout first; one copy per image
+    instead of one per crop halves the crops' time at ImageNet geometry (same values)."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 class _ViewPlan:
@@ -136,9 +144,20 @@ class _ViewPlan:
         for step, (t, _) in enumerate(self.steps[1:], start=1):
             chosen = [i for i, p in enumerate(params) if p[step] is not None]
             if chosen:
-                index = torch.tensor(chosen)
-                batch[index] = _apply_batched(t, batch[index], [params[i][step] for i in chosen])
+                batch = _update_rows(batch, chosen, partial(_apply_batched, t), [params[i][step] for i in chosen])
         return batch
+
+
+def _update_rows(batch: Tensor, chosen: list[int], fn: Callable[[Tensor, list[Any]], Tensor], args: list[Any]) -> Tensor:
+    """``batch[chosen] = fn(batch[chosen], args)``, without advanced indexing: on uint8 crops ``index_select`` and a
+    copy per row are ~20x and ~12x faster than ``batch[index]`` and its assignment (they were a quarter of
+    ``crop_batch``'s CPU at ImageNet geometry). Same values, bit for bit."""
+    if len(chosen) == len(batch):
+        return fn(batch, args)
+    rows = fn(batch.index_select(0, torch.tensor(chosen)), args)
+    for row, i in enumerate(chosen):
+        batch[i].copy_(rows[row])
+    return batch
 
 
 def _apply_batched(t: v2.Transform, batch: Tensor, params: list[dict[str, Any]]) -> Tensor:
@@ -172,6 +191,5 @@ def _color_jitter(batch: Tensor, params: list[dict[str, Any]]) -> Tensor:
         for op, (name, fn) in enumerate(_JITTER_OPS):
             chosen = [i for i in (order[:, k] == op).nonzero().flatten().tolist() if params[i][name] is not None]
             if chosen:
-                index = torch.tensor(chosen)
-                batch[index] = fn(batch[index], [params[i][name] for i in chosen])
+                batch = _update_rows(batch, chosen, fn, [params[i][name] for i in chosen])
     return batch
