@@ -93,19 +93,19 @@ def test_cluster_fit_never_fails_now_and_waiting_is_said(ray_session):
 @pytest.mark.timeout(300)
 def test_a_full_cluster_fails_after_start_timeout_and_the_run_ends_failed(ray_session, tmp_path, monkeypatch):
     """Before: "Cluster resources are not enough ... may hang forever". Ray Train's worker-group start
-    (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, which Ray Train hands from the driver to its controller; 8 s
-    here) is tried once within start_timeout_s=8."""
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "8")
+    (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, which Ray Train hands from the driver to its controller; 3 s
+    here) is tried once within start_timeout_s=3."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")
     cfg = load_config(overrides=[*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "optim.epochs=1",
                                  "tracking.run_name=full", f"checkpoint.storage_path={tmp_path / 'runs'}",
-                                 "scaling.start_timeout_s=8"])
+                                 "scaling.start_timeout_s=3"])
     # all but one CPU of the session's Ray, placed once earlier tests' actors are gone (bounded)
     hog = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 1}])
     assert hog.wait(timeout_seconds=120)
     lines: list[str] = []
     try:
         with pytest.raises(PretrainError, match=r"did not give this run its train workers .* within "
-                                                r"scaling.start_timeout_s=8 s; it needs 4 CPU \(free: \d"):
+                                                r"scaling.start_timeout_s=3 s; it needs 4 CPU \(free: \d"):
             pretrain(cfg, log=lines.append)
     finally:
         remove_placement_group(hog)
