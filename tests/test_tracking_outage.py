@@ -79,7 +79,7 @@ def test_an_outage_longer_than_the_retry_budget_costs_no_step_and_no_point(serve
     before = loop.run(2)
     assert lines == [] and logger.points_confirmed > 0
     server.stop()
-    away = loop.run(3)  # six resends (every 0.5 s) fail: retries are off, so MLflow gives the batch up at once
+    away = loop.run(3)  # the resends (every 0.5 s) fail: retries are off, so MLflow gives each batch up at once
     restart = threading.Thread(target=server.start)
     restart.start()
     restarting = loop.run(until=restart)
