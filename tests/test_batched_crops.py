@@ -72,6 +72,17 @@ def test_crop_batch_does_not_depend_on_batch_composition() -> None:
     assert not torch.equal(whole[0], other[0]), "a different seed must give different crops"
 
 
+def test_crop_batch_of_two_images_equals_per_image_over_many_seeds() -> None:
+    """Pairs are where a step taken by every row (grayscale: one channel expanded to three, a view that
+    cannot be written row by row) meets a later step taken by one row only; 150 pairs hit it many times."""
+    mc = MultiCrop(CropsConfig(global_size=16, local_size=8, local_number=2))
+    images = _colour_images(2, seed=3)
+    for first in range(0, 300, 2):
+        seeds = [first, first + 1]
+        for got, want in zip(mc.crop_batch(images, seeds), _per_image(mc, images, seeds)):
+            assert torch.equal(got, want), f"seeds {seeds}"
+
+
 def test_crop_batch_checks_lengths_and_handles_empty() -> None:
     mc = MultiCrop(CropsConfig(global_size=16, local_size=8, local_number=1))
     with pytest.raises(ValueError, match="2 images but 1 seeds"):

@@ -154,6 +154,8 @@ def _update_rows(batch: Tensor, chosen: list[int], fn: Callable[[Tensor, list[An
     ``crop_batch``'s CPU at ImageNet geometry). Same values, bit for bit."""
     if len(chosen) == len(batch):
         return fn(batch, args)
+    if 0 in batch.stride():  # an expanded view (grayscale of every row: one channel seen three times)
+        batch = batch.contiguous()
     rows = fn(batch.index_select(0, torch.tensor(chosen)), args)
     for row, i in enumerate(chosen):
         batch[i].copy_(rows[row])
