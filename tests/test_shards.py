@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -16,11 +17,13 @@ import ray
 from raydino.config import load_config
 from raydino.data.pipeline import EPOCH_COLUMN, MultiCropStage, epoch_stream
 from raydino.data.shards import (
+    MIN_READ_UNITS,
     SourceFile,
     _pass_seed,
     _permute_block,
     list_source,
     listing_digest,
+    plan_reads,
     plan_shards,
     read_rows,
     sample_shards,
@@ -29,7 +32,7 @@ from raydino.data.shards import (
     write_shards,
 )
 from raydino.data.sources import imagefolder_dataset
-from raydino.stores.shard_manifest import MANIFEST_FILE, ShardSetError, read_manifest
+from raydino.stores.shard_manifest import MANIFEST_FILE, ShardInfo, ShardManifest, ShardSetError, read_manifest
 from tests.images import small_imagefolder
 
 SMALL_MB = 0.05  # ~50 KB: the 79 PNGs of the small folder (~1.8 KB each) make 3 shards
@@ -129,7 +132,7 @@ def test_every_pass_reads_every_row_once_in_its_own_seeded_order(shards):
     finally:
         ctx.execution_options.preserve_order = saved
     assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 79 and orders[0] != orders[1]
-    # seeded: the shard order (Ray's FileShuffleConfig) and the order within each block (ours) come from (seed, pass)
+    # seeded: the order of the read units and the order within each unit come from (seed, pass)
     table = pa.table({"key": [5, 1, 9, 3, 7], "x": list("abcde")})
     assert _permute_block(0, 1)(table).equals(_permute_block(0, 1)(table))
     assert not _permute_block(0, 1)(table).equals(_permute_block(0, 2)(table))
@@ -175,6 +178,108 @@ def test_a_damaged_or_foreign_manifest_is_named(tmp_path):
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "webdataset", "version": 1}))
     with pytest.raises(ShardSetError, match="not a raydino-shards manifest"):
         read_manifest(str(tmp_path))
+
+
+def test_reads_are_planned_from_the_manifest_in_runs_of_row_groups(shards, tmp_path):
+    """Every row group once, consecutive groups of one shard per read unit, sized by bytes; a manifest written
+    before row groups were recorded is planned from the shards' footers, the same way."""
+    location, manifest = read_manifest(str(shards))
+    assert all(s.row_groups == (s.images,) for s in manifest.shards)  # one 4 MB group per small shard
+    units = plan_reads(location, manifest)
+    assert [(u.shard, u.first_group, u.groups) for u in units] == [
+        (location.child(s.file).path, 0, 1) for s in manifest.shards]
+    assert sum(u.bytes for u in units) == pytest.approx(manifest.bytes, abs=len(units))
+
+    # a shard of 10 groups of 100 rows (1,000 bytes each): units of at least the target, never across shards
+    many = ShardManifest(source="x", labelled=True, classes=("a",), listing_digest="d", target_shard_bytes=1,
+                         shards=(ShardInfo("a.parquet", 1000, 10_000, (100,) * 10), ShardInfo("b.parquet", 150, 1_500, (100, 50))))
+    planned = plan_reads(location, many, unit_bytes=2_500, min_units=1)
+    assert [(u.shard.rsplit("/", 1)[-1], u.first_group, u.groups) for u in planned] == [
+        ("a.parquet", 0, 3), ("a.parquet", 3, 3), ("a.parquet", 6, 3), ("a.parquet", 9, 1), ("b.parquet", 0, 2)]
+    assert plan_reads(location, many, unit_bytes=1, min_units=1)[0].groups == 1
+    # a small set (1,000 groups, 10 KB): about MIN_READ_UNITS units, not one of READ_UNIT_BYTES
+    small = ShardManifest(**{**many.__dict__, "shards": (ShardInfo("a.parquet", 10_000, 10_000, (10,) * 1000),)})
+    assert MIN_READ_UNITS // 2 <= len(plan_reads(location, small)) <= MIN_READ_UNITS
+
+    doc = json.loads((shards / MANIFEST_FILE).read_text())
+    for shard in doc["shards"]:
+        del shard["row_groups"]
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in shards.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    (old / MANIFEST_FILE).write_text(json.dumps(doc))
+    old_location, old_manifest = read_manifest(str(old))
+    assert all(s.row_groups == () for s in old_manifest.shards)
+    assert [(u.first_group, u.groups, u.bytes) for u in plan_reads(old_location, old_manifest)] == [
+        (u.first_group, u.groups, u.bytes) for u in units]
+
+
+def _rows(source) -> list[int]:
+    return sorted(int(k) for b in source.dataset.iter_batches(batch_size=None, batch_format="numpy") for k in b["key"])
+
+
+def test_a_shard_damaged_after_the_manifest_is_named_when_read(shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "set"
+    shutil.copytree(shards, copy)
+    _, manifest = read_manifest(str(copy))
+    damaged = copy / manifest.shards[1].file
+    data = bytearray(damaged.read_bytes())
+    data[-4:] = b"XXXX"  # the footer's magic: same size, so the pre-run size check passes
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=rf"shard {damaged.name} could not be read .*damaged; write the set again"):
+        _rows(shard_source(str(copy)))
+
+
+class _FirstOpenFails(pafs.FileSystemHandler):
+    """The local disk, except that each handler's first file open raises OSError, as a store that drops a
+    connection does (each read task unpickles its own handler, so each task fails once)."""
+
+    def __init__(self) -> None:
+        self.local, self.failed = pafs.LocalFileSystem(), False
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def open_input_file(self, path):
+        if not self.failed:
+            self.failed = True
+            raise OSError(f"connection reset while opening {path}")
+        return self.local.open_input_file(path)
+
+    def get_type_name(self): return "first-open-fails"  # noqa: E704
+    def equals(self, other): return self is other  # noqa: E704
+    def normalize_path(self, path): return path  # noqa: E704
+    def get_file_info(self, paths): return self.local.get_file_info(paths)  # noqa: E704
+    def get_file_info_selector(self, selector): return self.local.get_file_info(selector)  # noqa: E704
+    def open_input_stream(self, path): return self.local.open_input_stream(path)  # noqa: E704
+    def create_dir(self, path, recursive): raise NotImplementedError  # noqa: E704
+    def delete_dir(self, path): raise NotImplementedError  # noqa: E704
+    def delete_dir_contents(self, path, missing_dir_ok=False): raise NotImplementedError  # noqa: E704
+    def delete_root_dir_contents(self): raise NotImplementedError  # noqa: E704
+    def delete_file(self, path): raise NotImplementedError  # noqa: E704
+    def move(self, src, dest): raise NotImplementedError  # noqa: E704
+    def copy_file(self, src, dest): raise NotImplementedError  # noqa: E704
+    def open_output_stream(self, path, metadata): raise NotImplementedError  # noqa: E704
+    def open_append_stream(self, path, metadata): raise NotImplementedError  # noqa: E704
+
+
+def test_a_store_that_fails_a_read_is_retried_and_every_row_arrives(shards):
+    """A read task whose store fails (ShardReadError, an OSError) runs again from Ray Data's retry and the
+    pass still holds every row once; with the retries off, the failure reaches the run and names the shard."""
+    from raydino.stores.locations import DataLocation
+
+    flaky = DataLocation(str(shards), str(shards), pafs.PyFileSystem(_FirstOpenFails()))
+    source = shard_source(flaky)
+    assert _rows(source) == _rows(shard_source(str(shards))) and len(_rows(source)) == 79
+    source.dataset.context.max_map_retries = 0
+    with pytest.raises(Exception, match=r"shard shard-\S+ could not be read \(OSError: connection reset.*reachable"):
+        _rows(source)
 
 
 def test_the_evaluation_sample_reads_only_the_rows_it_keeps(shards, folder):

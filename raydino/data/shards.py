@@ -11,9 +11,11 @@ and counted, as a run over the files would), and writes the encoded bytes untouc
 the listing digest: a re-run over the same source keeps the shards that exist and writes the rest; the
 manifest comes last.
 
-Reading (``shard_source``): Ray Data reads the shards named in the manifest with column projection; each
-pass gets its own seeded shard order and a seeded order of the rows within each block. Rows get the same
-``key`` and ``label`` as the files would, so crops are identical to training from the files.
+Reading (``shard_source``): the manifest records each shard's row groups, so a pass is planned on the driver
+without a listing or a footer read: read units (runs of consecutive row groups of one shard, ~32 MB) in a
+seeded order of the pass's own, each read with column projection in one request and its rows in a seeded
+order of their own, then decoded in the same Ray Data task. Rows get the same ``key`` and ``label`` as the
+files would, so crops are identical to training from the files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +162,12 @@ def _write_shard(root: DataLocation, files: list[SourceFile], out: DataLocation)
     pq.write_table(table, buffer, row_group_size=rows_per_group(average), compression="none")
     data = buffer.getvalue()
     write_atomically(out, data)
-    return {"file": out.name, "images": table.num_rows, "bytes": len(data), "skipped": skipped}
+    return {"file": out.name, "images": table.num_rows, "bytes": len(data), "skipped": skipped,
+            "row_groups": _row_groups(pq.read_metadata(pa.BufferReader(data)))}
+
+
+def _row_groups(meta: pq.FileMetaData) -> list[int]:
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def rows_per_group(average_image_bytes: int) -> int:
@@ -178,7 +185,8 @@ def _finished(out: DataLocation) -> dict[str, Any] | None:
     except (OSError, pa.ArrowInvalid):
         return None  # not a whole Parquet file: written again
     skipped = json.loads((meta.metadata or {}).get(b"raydino.skipped", b"{}"))
-    return {"file": out.name, "images": meta.num_rows, "bytes": info.size, "skipped": skipped}
+    return {"file": out.name, "images": meta.num_rows, "bytes": info.size, "skipped": skipped,
+            "row_groups": _row_groups(meta)}
 
 
 def write_shards(
@@ -232,7 +240,8 @@ def write_shards(
     skipped = {rel: reason for name in names for rel, reason in done[name]["skipped"].items()}
     manifest = ShardManifest(
         source=root.uri, labelled=labelled, classes=classes,
-        shards=tuple(ShardInfo(name, done[name]["images"], done[name]["bytes"]) for name in names),
+        shards=tuple(ShardInfo(name, done[name]["images"], done[name]["bytes"], tuple(done[name]["row_groups"]))
+                     for name in names),
         listing_digest=digest, target_shard_bytes=target, skipped=skipped,
     )
     write_manifest(out_root, manifest)  # last: its presence means every shard it names is whole
@@ -249,7 +258,7 @@ def _pass_seed(seed: int, epoch: int) -> int:
 
 
 def _permute_block(seed: int, epoch: int) -> Callable[[pa.Table], pa.Table]:
-    """The rows of each read block in a seeded order of their own (the shard order is FileShuffleConfig's)."""
+    """The rows of each read unit in a seeded order of their own (the units' order is ``_pass_units``')."""
 
     def permute(table: pa.Table) -> pa.Table:
         if table.num_rows < 2:
@@ -261,50 +270,130 @@ def _permute_block(seed: int, epoch: int) -> Callable[[pa.Table], pa.Table]:
     return permute
 
 
-def _decode_rows(batch: dict[str, np.ndarray], *, skip_log: Any) -> dict[str, np.ndarray]:
-    """Encoded bytes -> the rows a file source yields (``decode_rows``: the files' own decoding and skip log)."""
-    entries = zip(batch["image"], map(str, batch["path"]), map(int, batch["label"]), map(int, batch["key"]))
-    return decode_rows(entries, skip_log)
+READ_UNIT_BYTES = 32 * 2**20
+"""Encoded bytes read with one request (consecutive row groups of one shard): ~300 ImageNet JPEGs, so on an
+object store fewer than 0.01 requests per image; a unit's rows are what ``_permute_block`` reorders."""
+MIN_READ_UNITS = 64
+"""About this many units for a small set, so it still spreads over the CPUs (as its row groups allow)."""
+DECODED_BLOCK_BYTES = 16 * 2**20
+"""Ray Data's target block size while shards are read (decoded rows leave a task in blocks of this size)."""
+READ_TASKS = 1024
+"""At most this many read tasks per pass (each reads its units in turn): the pass's plan stays small on the
+driver whatever the set's size."""
 
 
-READ_BATCH_BYTES = 16 * 2**20
+@dataclass(frozen=True)
+class ReadUnit:
+    shard: str
+    """Path of the shard inside its filesystem."""
+    first_group: int
+    groups: int
+    bytes: int
+    """Estimated encoded bytes (the shard's bytes shared out by rows)."""
 
 
-def read_batch_rows(manifest: ShardManifest) -> int:
-    """Rows per Parquet read batch (one block): about ``READ_BATCH_BYTES`` of encoded images. Ray Data's own
-    estimate fills its 128 MB target block, so the first batch of a run waited for 128 MB of every shard it
-    opened (85,000 rows of small images); the rows of each block are what ``_permute_block`` reorders."""
-    average = manifest.bytes / max(manifest.images, 1)
-    return int(min(8192, max(64, READ_BATCH_BYTES // max(average, 1))))
+def plan_reads(location: DataLocation, manifest: ShardManifest, unit_bytes: int = READ_UNIT_BYTES,
+               min_units: int = MIN_READ_UNITS) -> list[ReadUnit]:
+    """Every row group of the set, once, in runs of consecutive groups of one shard of at least ``unit_bytes``
+    (for a set under ``min_units`` such runs, of its bytes / ``min_units``: about ``min_units`` runs, as its
+    row groups allow), planned from the manifest alone; a set written before the manifest recorded row
+    groups has its footers read here instead."""
+    target = max(1, min(unit_bytes, manifest.bytes // min_units))
+    units = []
+    for shard in manifest.shards:
+        path = location.child(shard.file).path
+        rows = shard.row_groups or tuple(
+            _row_groups(pq.read_metadata(path, filesystem=location.filesystem or pafs.LocalFileSystem())))
+        per_row = shard.bytes / max(shard.images, 1)
+        first, size = 0, 0.0
+        for g, n in enumerate(rows):
+            size += n * per_row
+            if size >= target or g == len(rows) - 1:
+                units.append(ReadUnit(path, first, g + 1 - first, int(size)))
+                first, size = g + 1, 0.0
+    return units
 
 
-def shard_source(path: str, seed: int = 0, max_files: int | None = None) -> ImageSource:
+def _pass_units(units: list[ReadUnit], seed: int, epoch: int) -> list[ReadUnit]:
+    """Pass ``epoch``'s seeded order of the read units: across and within shards."""
+    order = np.random.default_rng(_pass_seed(seed, epoch)).permutation(len(units))
+    return [units[i] for i in order]
+
+
+SHARD_READ_RETRIES = 3
+
+
+class ShardReadError(OSError):
+    """A shard whose store failed mid-run: Ray Data retries the read task (``SHARD_READ_RETRIES``) first."""
+
+
+def read_unit(unit: ReadUnit, filesystem: Any) -> pa.Table:
+    """The unit's rows (columns ``image, label, key, path``): one open of its shard, its footer, and its row
+    groups read together (``pre_buffer`` coalesces them into one request on an object store)."""
+    fs = filesystem or pafs.LocalFileSystem()
+    try:
+        with fs.open_input_file(unit.shard) as f:
+            parquet = pq.ParquetFile(f, pre_buffer=True)
+            return parquet.read_row_groups(range(unit.first_group, unit.first_group + unit.groups),
+                                           columns=["image", "label", "key", "path"])
+    except (OSError, pa.ArrowException) as exc:
+        name = unit.shard.rstrip("/").rsplit("/", 1)[-1]
+        reason = f"shard {name} could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        if isinstance(exc, OSError):  # retried by Ray first: the store may come back
+            raise ShardReadError(f"{reason}; check that the store is reachable") from exc
+        raise ShardSetError(f"{reason}: the shard is damaged; write the set again (raydino shard SRC DST "
+                            "rewrites it)") from exc
+
+
+def _read_and_decode(units: dict[str, np.ndarray], *, seed: int, epoch: int, filesystem: Any,
+                     skip_log: Any) -> Iterator[dict[str, np.ndarray]]:
+    """A read task: its units in turn, each in its own seeded row order, decoded ``DECODE_ROWS`` at a time."""
+    permute = _permute_block(seed, epoch)
+    for fields in zip(*(units[name] for name in _UNIT_FIELDS)):
+        unit = ReadUnit(*(str(v) if name == "shard" else int(v) for name, v in zip(_UNIT_FIELDS, fields)))
+        table = permute(read_unit(unit, filesystem))
+        for start in range(0, table.num_rows, DECODE_ROWS):
+            part = table.slice(start, DECODE_ROWS)
+            yield decode_rows(zip(part.column("image").to_pylist(), part.column("path").to_pylist(),
+                                  part.column("label").to_pylist(), part.column("key").to_pylist()), skip_log)
+
+
+_UNIT_FIELDS = tuple(ReadUnit.__dataclass_fields__)
+DECODE_ROWS = 64
+
+
+def shard_source(path: str | DataLocation, seed: int = 0, max_files: int | None = None) -> ImageSource:
     """A shard set as an ImageSource. ``ImageSource.pass_dataset(e)`` reads pass ``e`` in its own seeded
     order; ``skipped`` counts the files skipped when the set was written plus any row that fails now.
-    ``max_files`` is not supported for shards (sample with ``eval`` or write a smaller set)."""
+    ``max_files`` is not supported for shards (sample with ``eval`` or write a smaller set).
+
+    One Ray Data stage reads and decodes: the pass's read units (planned from the manifest, no listing and no
+    footer read on the driver) become the blocks of ``from_items``, each task reads its units and decodes them.
+    Ray Data's ``read_parquet`` would first run a listing task and a read stage before any decoding, and read
+    whole files in its own order: ~3 s more before the first batch here, growing with the shards' size."""
     if max_files is not None:
         raise ShardSetError(f"{path}: data.max_files samples files of a folder; a shard set is read whole "
                             "(write a shard set of the sample instead)")
     location, manifest = read_manifest(path)
-    shard_paths = [location.child(s.file).path for s in manifest.shards]
-    # Ray Data flushes a task's output at its target block size (128 MB): a task reading a 256 MB shard of
-    # small images decoded ~40,000 of them before the first left it (10 s to the first batch at 1M
-    # images). Blocks of READ_BATCH_BYTES leave as they are read; the crops' blocks are far larger per image.
+    units = plan_reads(location, manifest)
+    # Ray Data flushes a task's output at its target block size (128 MB): ~40,000 small decoded images before
+    # the first left a task (10 s to the first batch at 1M images). Blocks of DECODED_BLOCK_BYTES leave as
+    # they are decoded; the crops' blocks are far larger per image.
     context = ray.data.DataContext.get_current()
-    context.target_max_block_size = min(context.target_max_block_size or READ_BATCH_BYTES, READ_BATCH_BYTES)
+    context.target_max_block_size = min(context.target_max_block_size or DECODED_BLOCK_BYTES, DECODED_BLOCK_BYTES)
     skip_log = _SkipLog.remote()
     filesystem = location.filesystem
 
-    rows_per_read = read_batch_rows(manifest)
-
     def pass_dataset(epoch: int) -> ray.data.Dataset:
-        raw = ray.data.read_parquet(
-            shard_paths, filesystem=filesystem, columns=["image", "label", "key", "path"],
-            shuffle=ray.data.FileShuffleConfig(seed=_pass_seed(seed, epoch), reseed_after_execution=False),
-            batch_size=rows_per_read,
-        )
-        return raw.map_batches(_permute_block(seed, epoch), batch_size=None, batch_format="pyarrow").map_batches(
-            _decode_rows, batch_size=64, batch_format="numpy", fn_kwargs={"skip_log": skip_log})
+        items = [{name: getattr(u, name) for name in _UNIT_FIELDS} for u in _pass_units(units, seed, epoch)]
+        blocks = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
+        decoded = blocks.map_batches(
+            _read_and_decode, batch_size=None, batch_format="numpy",
+            fn_kwargs={"seed": seed, "epoch": epoch, "filesystem": filesystem, "skip_log": skip_log})
+        # a store that failed mid-read: Ray Data runs the task again (with backoff), skipping what it yielded
+        decoded.context.retried_map_errors = [ShardReadError.__name__]
+        decoded.context.max_map_retries = SHARD_READ_RETRIES
+        return decoded
 
     return ImageSource(pass_dataset(0), manifest.classes, SkippedImages(skip_log, dict(manifest.skipped)),
                        manifest.images, pass_dataset=pass_dataset)

@@ -40,6 +40,9 @@ class ShardInfo:
     """Name inside the shard set's directory."""
     images: int
     bytes: int
+    row_groups: tuple[int, ...] = ()
+    """Rows of each Parquet row group, in order: readers plan their reads from the manifest alone (no footer
+    read per shard before the first batch). Empty in sets written before it was recorded."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class ShardManifest:
                                     f"(format {doc.get('format')!r}, version {doc.get('version')!r})")
             return cls(
                 source=doc["source"], labelled=bool(doc["labelled"]), classes=tuple(doc["classes"]),
-                shards=tuple(ShardInfo(s["file"], int(s["images"]), int(s["bytes"])) for s in doc["shards"]),
+                shards=tuple(ShardInfo(s["file"], int(s["images"]), int(s["bytes"]),
+                                       tuple(int(n) for n in s.get("row_groups", ()))) for s in doc["shards"]),
                 listing_digest=doc["listing_digest"], target_shard_bytes=int(doc["target_shard_bytes"]),
                 skipped=dict(doc.get("skipped", {})), created=doc.get("created", ""),
             )
