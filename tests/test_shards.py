@@ -219,7 +219,7 @@ def _rows(source) -> list[int]:
     return sorted(int(k) for b in source.dataset.iter_batches(batch_size=None, batch_format="numpy") for k in b["key"])
 
 
-def test_a_shard_damaged_after_the_manifest_is_named_when_read(shards, tmp_path):
+def test_a_shard_damaged_after_the_manifest_is_named_when_read_and_a_rerun_rewrites_it(shards, folder, tmp_path):
     import shutil
 
     copy = tmp_path / "set"
@@ -231,6 +231,12 @@ def test_a_shard_damaged_after_the_manifest_is_named_when_read(shards, tmp_path)
     damaged.write_bytes(bytes(data))
     with pytest.raises(Exception, match=rf"shard {damaged.name} could not be read .*damaged; write the set again"):
         _rows(shard_source(str(copy)))
+    lines: list[str] = []  # what the message says to do: the same command rewrites the damaged shard alone
+    kept = {s.file: os.stat(copy / s.file).st_mtime_ns for s in manifest.shards if s.file != damaged.name}
+    assert write_shards(str(folder), str(copy), SMALL_MB, log=lines.append).shards == manifest.shards
+    assert f"{len(manifest.shards) - 1} finished by an earlier run are kept" in lines[0]
+    assert {n: os.stat(copy / n).st_mtime_ns for n in kept} == kept
+    assert len(_rows(shard_source(str(copy)))) == 79
 
 
 class _FirstOpenFails(pafs.FileSystemHandler):
