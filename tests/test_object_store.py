@@ -88,7 +88,9 @@ def test_wrong_endpoint_is_one_line_before_anything_starts(s3, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     cfg = load_config(overrides=["data.source=imagefolder", "data.path=s3://data/imagenet/train"])
-    for attempt in (lambda: check_data_path(cfg), lambda: resolve_storage("s3://runs/raydino")):
+    shards = load_config(overrides=["data.source=shards", "data.path=s3://data/imagenet-shards/train"])
+    for attempt in (lambda: check_data_path(cfg), lambda: check_data_path(shards),
+                    lambda: resolve_storage("s3://runs/raydino")):
         with pytest.raises(ObjectStoreError) as err:
             attempt()
         message = str(err.value)
