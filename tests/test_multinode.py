@@ -28,7 +28,7 @@ def test_a_spot_notice_checkpoints_at_the_next_step_and_the_run_resumes_there_wh
     assert fault["crop_actors_on"] == ["data"] and set(out["crop_actor_nodes"]) == {"data"}
     assert "head" not in out["worker_nodes"] + out["crop_actor_nodes"]  # the head has no CPU for tasks
     assert len(out["clock_nodes"]) == 1  # one epoch clock; it restarts if its node is the one removed
-    # the fault: a spot notice after step 2, before the end of the epoch (no checkpoint before it); the node drained itself,
+    # the fault: a spot notice after step 2, early in the epoch of 168 steps (no checkpoint before it); the node drained itself,
     # Ray Train told every worker, and they checkpointed at the step boundary where they learnt it
     assert fault["fault"] == "spot notice, then node removed" and fault["notice_served_at"] is not None
     step = fault["checkpoint_step"]
