@@ -272,8 +272,9 @@ def _permute_block(seed: int, epoch: int) -> Callable[[pa.Table], pa.Table]:
 
 
 READ_UNIT_BYTES = 32 * 2**20
-"""Encoded bytes read with one request (consecutive row groups of one shard): ~300 ImageNet JPEGs, so on an
-object store fewer than 0.01 requests per image; a unit's rows are what ``_permute_block`` reorders."""
+"""Encoded bytes read together (consecutive row groups of one shard): ~300 ImageNet JPEGs for about three
+requests on an object store (the open's HEAD, the footer, the coalesced data), ~0.01 per image; a unit's
+rows are what ``_permute_block`` reorders."""
 MIN_READ_UNITS = 64
 """About this many units for a small set, so it still spreads over the CPUs (as its row groups allow)."""
 DECODED_BLOCK_BYTES = 16 * 2**20
