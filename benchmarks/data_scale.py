@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -73,23 +74,22 @@ def make_folder(root: Path, n: int) -> Path:
     return root
 
 
-def first_batch_seconds(make_source, batch_size: int = 256) -> float:
-    """Seconds from naming the data to its first decoded batch (the pipeline is dropped after it)."""
+def _first_batch(make_source, batch_size: int) -> tuple[float, object, Iterator[dict]]:
+    """Seconds from naming the data to its first decoded batch, the source, and its batches after the first."""
     started = time.perf_counter()
-    batches = make_source().dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4)
-    next(iter(batches))
-    return time.perf_counter() - started
+    source = make_source()
+    batches = iter(source.dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4))
+    next(batches)
+    return time.perf_counter() - started, source, batches
 
 
 def measure(make_source, steady_images: int, repeats: int, batch_size: int = 256) -> dict[str, float]:
-    """Time to the first batch (median of ``repeats`` starts); then rows/s over ``steady_images`` rows after as many again (what the pipeline buffered
-    while the first batch was awaited is not counted as throughput); a short dataset: what is left."""
-    starts = [first_batch_seconds(make_source, batch_size) for _ in range(repeats - 1)]
-    started = time.perf_counter()
-    source = make_source()
-    batches = source.dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4)
-    first = next(iter_batches := iter(batches))
-    starts.append(time.perf_counter() - started)
+    """Time to the first batch (median of ``repeats`` starts); then, in the last start, rows/s over
+    ``steady_images`` rows after as many again (what the pipeline buffered while the first batch was awaited
+    is not counted as throughput); a short dataset: what is left."""
+    starts = [_first_batch(make_source, batch_size)[0] for _ in range(repeats - 1)]
+    seconds, source, iter_batches = _first_batch(make_source, batch_size)
+    starts.append(seconds)
     rows, skipped, t0 = 0, 0, None
     for batch in iter_batches:
         if t0 is None:
@@ -101,7 +101,7 @@ def measure(make_source, steady_images: int, repeats: int, batch_size: int = 256
         if rows >= steady_images:
             break
     steady = rows / (time.perf_counter() - t0) if rows and t0 is not None else float("nan")
-    del first, iter_batches, batches
+    del iter_batches
     return {"first_batch_s": round(float(np.median(starts)), 2), "first_batch_each_s": [round(t, 2) for t in starts],
             "images_per_s": round(steady, 1), "rows": rows}
 
