@@ -147,11 +147,13 @@ def run(cluster: Cluster, train_nodes: list, data_node: object, imds: dict[str, 
         given = time.time()
         service.give_notice(NOTICE_S)
         print(f"multinode_job: spot notice on {node_kind[victim.node_id]}", file=sys.stderr, flush=True)
-        while not (after_notice := _committed_checkpoints(run_dir)) and time.monotonic() < deadline:
+        while not (after_notice := _committed_checkpoints(run_dir)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no checkpoint after the notice in time")
             time.sleep(0.05)
         cluster.remove_node(victim, allow_graceful=False)
         removed_at = time.monotonic() - started
-        step = int(after_notice[0].split("_")[1]) if after_notice else -1
+        step = int(after_notice[0].split("_")[1])
         event = wait_for_tag("raydino.preemption", deadline)  # "... seen at step N: checkpoint at step N"
         # when the checkpoint was written (its manifest's time), not when this thread saw it
         committed = (run_dir / f"checkpoint_{step:08d}" / "manifest.json").stat().st_mtime
