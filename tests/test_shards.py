@@ -289,6 +289,27 @@ def test_a_store_that_fails_a_read_is_retried_and_every_row_arrives(shards):
         _rows(source)
 
 
+def test_shard_read_retries_add_to_the_users_data_context():
+    """The shard reader's retry joins what a user set on Ray Data's context; it never narrows it."""
+    import copy
+
+    from raydino.data.shards import SHARD_READ_RETRIES, ShardReadError, _retry_shard_reads
+
+    base = copy.copy(ray.data.DataContext.get_current())
+    base.retried_map_errors, base.max_map_retries = False, 0  # Ray Data's defaults: no retries
+    _retry_shard_reads(ctx := copy.copy(base))
+    assert ctx.retried_map_errors == [ShardReadError.__name__] and ctx.max_map_retries == SHARD_READ_RETRIES
+    base.retried_map_errors, base.max_map_retries = ["Throttled"], SHARD_READ_RETRIES + 5  # a user's own
+    _retry_shard_reads(ctx := copy.copy(base))
+    assert ctx.retried_map_errors == ["Throttled", ShardReadError.__name__]
+    assert ctx.max_map_retries == SHARD_READ_RETRIES + 5
+    _retry_shard_reads(ctx)  # twice: not listed twice
+    assert ctx.retried_map_errors == ["Throttled", ShardReadError.__name__]
+    base.retried_map_errors = True  # every error retried
+    _retry_shard_reads(ctx := copy.copy(base))
+    assert ctx.retried_map_errors is True
+
+
 def test_the_evaluation_sample_reads_only_the_rows_it_keeps(shards, folder):
     picks, n_classes, fs = sample_shards(str(shards), 20, seed=0)
     assert n_classes == 2 and sum(len(rows) for _, rows, _ in picks) == 20

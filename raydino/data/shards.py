@@ -364,6 +364,16 @@ _UNIT_FIELDS = tuple(ReadUnit.__dataclass_fields__)
 DECODE_ROWS = 64
 
 
+def _retry_shard_reads(context: ray.data.DataContext) -> None:
+    """Retry a map task that raised ``ShardReadError``, up to ``SHARD_READ_RETRIES`` times, on top of what the
+    user's context already retries: ``True`` (every error) and a higher retry count are kept."""
+    retried = context.retried_map_errors
+    if retried is not True:
+        patterns = list(retried or [])
+        context.retried_map_errors = patterns if ShardReadError.__name__ in patterns else [*patterns, ShardReadError.__name__]
+    context.max_map_retries = max(context.max_map_retries or 0, SHARD_READ_RETRIES)
+
+
 def shard_source(path: str | DataLocation, seed: int = 0, max_files: int | None = None) -> ImageSource:
     """A shard set as an ImageSource. ``ImageSource.pass_dataset(e)`` reads pass ``e`` in its own seeded
     order; ``skipped`` counts the files skipped when the set was written plus any row that fails now.
@@ -393,8 +403,7 @@ def shard_source(path: str | DataLocation, seed: int = 0, max_files: int | None 
             _read_and_decode, batch_size=None, batch_format="numpy",
             fn_kwargs={"seed": seed, "epoch": epoch, "filesystem": filesystem, "skip_log": skip_log})
         # a store that failed mid-read: Ray Data runs the task again (with backoff), skipping what it yielded
-        decoded.context.retried_map_errors = [ShardReadError.__name__]
-        decoded.context.max_map_retries = SHARD_READ_RETRIES
+        _retry_shard_reads(decoded.context)
         return decoded
 
     return ImageSource(pass_dataset(0), manifest.classes, SkippedImages(skip_log, dict(manifest.skipped)),
