@@ -48,7 +48,8 @@ class GaussianBlur(v2.GaussianBlur):
     that multiply subnormals slowly)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, Tensor) and inpt.ndim == 3 and inpt.dtype == torch.uint8:
+        # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop
+        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.dtype == torch.uint8:
             return batch_ops.gaussian_blur(inpt.unsqueeze(0), self.kernel_size, [params["sigma"]])[0]
         return super().transform(inpt, params)
 
