@@ -103,16 +103,25 @@ def _arrays(n: int = 24) -> ArrayDataset:
     return ArrayDataset(images, np.arange(n, dtype=np.int64) % 3, ("a", "b", "c"))
 
 
+def _batch_digests(batch: dict[str, np.ndarray]) -> list[tuple[int, str]]:
+    out = []
+    for i in range(len(batch["label"])):
+        h = hashlib.sha1()
+        for name in crop_names(CROPS.local_number):
+            h.update(batch[name][i].tobytes())
+        out.append((int(batch["label"][i]), h.hexdigest()))
+    return out
+
+
 def _crop_digests(ds: ray.data.Dataset) -> list[tuple[int, str]]:
     """(label, digest of all crops) per row, sorted: compares runs whatever the row order."""
-    out = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["label"])):
-            h = hashlib.sha1()
-            for name in crop_names(CROPS.local_number):
-                h.update(batch[name][i].tobytes())
-            out.append((int(batch["label"][i]), h.hexdigest()))
-    return sorted(out)
+    return sorted(d for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for d in _batch_digests(batch))
+
+
+def _in_process_digests(data: ArrayDataset, seed: int) -> list[tuple[int, str]]:
+    """What the crop stage gives every row of ``data`` (key = row index) called in this process, in one batch."""
+    batch = {"image": data.images, "label": data.labels, "key": np.arange(len(data), dtype=np.int64)}
+    return sorted(_batch_digests(MultiCropStage(CROPS, seed=seed)(batch)))
 
 
 @pytest.mark.timeout(60)
@@ -132,15 +141,14 @@ def test_multicrop_columns_shapes_dtype(ray_session: None, imagefolder) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_multicrop_same_seed_same_crops_twice(ray_session: None) -> None:
+def test_multicrop_crops_follow_the_row_key_not_order_or_batches(ray_session: None) -> None:
+    """Shuffled and batched unlike the stage called on all rows at once in this process, the crops are the same:
+    they follow the row key, not order or batch composition (and the stage's own test shows it depends on seed)."""
     data = _arrays()
-    source = array_dataset(data, rows_per_block=7)
-    first = _crop_digests(multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=1, batch_size=8))
-    assert len(first) == len(data)
-    # Second run: shuffled and batched differently; crops follow the row key, not order or batch composition.
-    shuffled = source.dataset.random_shuffle(seed=5)
-    again = _crop_digests(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5))
-    assert again == first
+    shuffled = array_dataset(data, rows_per_block=7).dataset.random_shuffle(seed=5)
+    crops = _crop_digests(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5))
+    assert len(crops) == len(data)
+    assert crops == _in_process_digests(data, seed=3)
 
 
 @pytest.mark.timeout(30)
@@ -194,8 +202,8 @@ def test_epoch_stream_rejects_zero_epochs(ray_session: None) -> None:
 
 @pytest.mark.timeout(90)
 def test_an_autoscaling_crop_pool_stays_in_its_bounds_and_is_metered(ray_session: None) -> None:
-    """Ray Data's autoscaling actor pool (min 1, max 3) crops every row once, with the same crops as a
-    fixed pool; the meter says how many actors worked and how fast."""
+    """Ray Data's autoscaling actor pool (min 1, max 3) crops every row once, with the crops one stage gives
+    them all in this process; the meter says how many actors worked and how fast."""
     from raydino.data.clock import start_crop_meter
 
     data = _arrays(48)
@@ -209,7 +217,7 @@ def test_an_autoscaling_crop_pool_stays_in_its_bounds_and_is_metered(ray_session
         stats = ray.get(meter.summary.remote(), timeout=30)
     finally:
         ray.kill(meter)
-    assert pooled == _crop_digests(multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=1, batch_size=8))
+    assert pooled == _in_process_digests(data, seed=3)
     assert 1 <= stats["crop_actors_used"] <= 3
     assert stats["cropped_images"] == len(data) and stats["crop_images_per_second_per_actor"] > 0
     with pytest.raises(ValueError, match="1 <= min <= max"):
