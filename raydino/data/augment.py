@@ -54,6 +54,19 @@ class GaussianBlur(v2.GaussianBlur):
         return super().transform(inpt, params)
 
 
+class ColorJitter(v2.ColorJitter):
+    """torchvision's ``ColorJitter`` (same parameters, same draws) adjusting a uint8 image with ``batch_ops``'
+    kernels, so that the image-by-image views equal ``crop_batch``'s bit for bit: torchvision's own kernels
+    for brightness, contrast and saturation, OpenCV's colour conversion for the hue (one grey level off
+    torchvision's on a few values in 10^5, and 6-13x faster)."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop
+        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.dtype == torch.uint8:
+            return _color_jitter(inpt.unsqueeze(0), [params])[0]
+        return super().transform(inpt, params)
+
+
 def _blur(size: int, p: float, crops: CropsConfig) -> v2.Transform:
     """Gaussian blur applied with probability ``p``; the kernel spans 3 sigma of the largest sigma."""
     sigma = blur_sigma(size, crops)
@@ -70,7 +83,7 @@ def _view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: floa
     if crops.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(p=crops.flip_p))
     if crops.color_jitter_p > 0:
-        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+        steps.append(v2.RandomApply([ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
                                     p=crops.color_jitter_p))
     steps += [v2.RandomGrayscale(p=0.2), _blur(size, blur_p, crops)]
     if solarize_p > 0:
