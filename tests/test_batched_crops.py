@@ -149,6 +149,33 @@ def test_per_sample_hue_turns_each_crop_by_its_own_factor() -> None:
     assert batch_ops.adjust_hue(batch[:0], []).shape == (0, *batch.shape[1:])
 
 
+FORKED_AFTER_A_THREAD_POOL = """
+import cv2, numpy as np, torch
+from torch.utils.data import DataLoader, Dataset
+from raydino.data import batch_ops
+cv2.setNumThreads(2)
+cv2.cvtColor(np.random.rand(2048, 224, 3).astype(np.float32), cv2.COLOR_RGB2HSV)  # starts OpenCV's thread pool
+crops = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+class Hue(Dataset):
+    def __len__(self): return 8
+    def __getitem__(self, i): return batch_ops.adjust_hue(crops[i:i + 1], [0.05])[0]
+loader = DataLoader(Hue(), batch_size=4, num_workers=2, multiprocessing_context="fork")
+print(sum(len(b) for b in loader))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_hue_in_forked_dataloader_workers_after_opencvs_thread_pool_started() -> None:
+    """A DataLoader forks its workers from a process that may have run OpenCV with threads (the user's code, or
+    the hue itself in the main process): set to 1 thread there, OpenCV hung; the hue sets it to sequential (0)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_AFTER_A_THREAD_POOL], check=False, capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 0 and done.stdout.strip() == "8", done.stderr[-2000:]
+
+
 def test_per_sample_blur_equals_torchvision() -> None:
     batch = _batch(4, size=20)
     sigmas = [[0.1, 0.1], [0.7, 0.7], [1.3, 1.3], [2.0, 2.0]]

@@ -66,13 +66,15 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
     fused float32 ``cvtColor`` in place of torchvision's ~30 tensor passes: 6-13x faster, the largest step
     of multi-crop before (46% of ``crop_batch`` at ImageNet geometry). Only float rounding differs: over
     all 2^24 colours and 48 factors, 6e-5 of the values are one grey level off torchvision's, none more
-    (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs as many threads as torch's pool.
+    (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs sequentially.
     """
     b, _, h, w = image.shape
     if image.numel() == 0:
         return image.clone()
-    if cv2.getNumThreads() != torch.get_num_threads():
-        cv2.setNumThreads(torch.get_num_threads())  # a DataLoader worker's 1, a crop actor's own count
+    if cv2.getNumThreads() != 1:
+        # sequential, as the crops' torch ops run (one thread per crop actor or DataLoader worker); 0, not 1: a
+        # forked DataLoader worker whose parent had started OpenCV's thread pool hangs when set to 1 thread
+        cv2.setNumThreads(0)
     rgb = np.ascontiguousarray(image.permute(0, 2, 3, 1).numpy()).reshape(b * h, w, 3).astype(np.float32)
     np.multiply(rgb, np.float32(1 / 255), out=rgb)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # hue in degrees [0, 360)
