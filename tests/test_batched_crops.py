@@ -147,6 +147,28 @@ def test_per_sample_hue_turns_each_crop_by_its_own_factor() -> None:
     assert torch.equal(got[2], batch[2]), "factor 0 leaves the crop as it was"
     assert not torch.equal(got[1], batch[1]), "a factor away from identity must change the image"
     assert batch_ops.adjust_hue(batch[:0], []).shape == (0, *batch.shape[1:])
+    with pytest.raises(TypeError, match=r"uint8 RGB crops \(B, 3, H, W\), got torch.float32"):
+        batch_ops.adjust_hue(batch.float(), factors)
+    with pytest.raises(TypeError, match=r"got torch.uint8 \(5, 1, 16, 16\)"):
+        batch_ops.adjust_hue(batch[:, :1], factors)
+
+
+def test_color_jitter_outside_multicrop_keeps_torchvisions_behaviour() -> None:
+    """``augment.ColorJitter`` takes the batched kernels for uint8 RGB only: a float image, a grayscale one and a
+    tv_tensors.Image go through torchvision's own kernels (and keep their wrapper)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from raydino.data.augment import ColorJitter
+
+    ours, theirs = ColorJitter(0.4, 0.4, 0.2, 0.1), v2.ColorJitter(0.4, 0.4, 0.2, 0.1)
+    image = _batch(1)[0]
+    for inpt in (image.float() / 255, image[:1], tv_tensors.Image(image)):
+        torch.manual_seed(3)
+        got = ours(inpt)
+        torch.manual_seed(3)
+        want = theirs(inpt)
+        assert type(got) is type(want) and torch.equal(got, want)
 
 
 FORKED_AFTER_A_THREAD_POOL = """

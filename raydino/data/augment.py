@@ -62,7 +62,7 @@ class ColorJitter(v2.ColorJitter):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop
-        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.dtype == torch.uint8:
+        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.shape[0] == 3 and inpt.dtype == torch.uint8:
             return _color_jitter(inpt.unsqueeze(0), [params])[0]
         return super().transform(inpt, params)
 

@@ -68,6 +68,8 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
     all 2^24 colours and 48 factors, 6e-5 of the values are one grey level off torchvision's, none more
     (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs sequentially.
     """
+    if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[1] != 3:
+        raise TypeError(f"adjust_hue takes uint8 RGB crops (B, 3, H, W), got {image.dtype} {tuple(image.shape)}")
     b, _, h, w = image.shape
     if image.numel() == 0:
         return image.clone()
