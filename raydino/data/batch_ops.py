@@ -20,8 +20,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel2d
 
-# torchvision has no per-sample variants of these kernels; its private colour-space helpers
-# already work on batches, so they are reused rather than re-derived.
+# torchvision has no per-sample variants of these kernels; its private blur-kernel helper already
+# works per sample, so it is reused rather than re-derived.
 
 
 def _factors(values: Sequence[float], ndim: int = 4) -> tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
     rgb = np.ascontiguousarray(image.permute(0, 2, 3, 1).numpy()).reshape(b * h, w, 3).astype(np.float32)
     np.multiply(rgb, np.float32(1 / 255), out=rgb)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # hue in degrees [0, 360)
-    hue = hsv[..., 0].reshape(b, h * w)
+    hue = hsv.reshape(b, h * w, 3)[..., 0]  # a view: the shift below writes into hsv
     # factors rounded to float32 as torchvision's scalar is; OpenCV wraps hues >= 360 itself, not negative ones
     hue += np.asarray(factors, dtype=np.float64).astype(np.float32)[:, None] * np.float32(360)
     np.add(hue, np.float32(360), out=hue, where=hue < 0)
