@@ -58,7 +58,7 @@ class ColorJitter(v2.ColorJitter):
     """torchvision's ``ColorJitter`` (same parameters, same draws) adjusting a uint8 image with ``batch_ops``'
     kernels, so that the image-by-image views equal ``crop_batch``'s bit for bit: torchvision's own kernels
     for brightness, contrast and saturation, OpenCV's colour conversion for the hue (one grey level off
-    torchvision's on a few values in 10^5, and 6-13x faster)."""
+    torchvision's on a few values in 10^5, and 8-11x faster)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop

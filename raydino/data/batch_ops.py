@@ -63,7 +63,7 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
     """Per-sample ``F.adjust_hue``: rotate the hue in HSV space by each factor (in turns).
 
     torchvision's float32 HSV (hue in turns, ``x / 255`` in, ``x * 255.999`` truncated out) with OpenCV's
-    fused float32 ``cvtColor`` in place of torchvision's ~30 tensor passes: 6-13x faster, the largest step
+    fused float32 ``cvtColor`` in place of torchvision's ~30 tensor passes: 8-11x faster, the largest step
     of multi-crop before (46% of ``crop_batch`` at ImageNet geometry). Only float rounding differs: over
     all 2^24 colours and 48 factors, 6e-5 of the values are one grey level off torchvision's, none more
     (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs sequentially.
