@@ -66,7 +66,8 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
     fused float32 ``cvtColor`` in place of torchvision's ~30 tensor passes: 8-11x faster, the largest step
     of multi-crop before (46% of ``crop_batch`` at ImageNet geometry). Only float rounding differs: over
     all 2^24 colours and 48 factors, 6e-5 of the values are one grey level off torchvision's, none more
-    (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs sequentially.
+    (``tests/test_batched_crops.py`` checks a stated bound). OpenCV runs sequentially: the first call sets
+    ``cv2.setNumThreads(0)``, a process-wide OpenCV setting (crops are parallel across processes instead).
     """
     if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[1] != 3:
         raise TypeError(f"adjust_hue takes uint8 RGB crops (B, 3, H, W), got {image.dtype} {tuple(image.shape)}")
