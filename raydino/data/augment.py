@@ -41,6 +41,12 @@ def blur_sigma(size: int, crops: CropsConfig) -> tuple[float, float]:
     return (lo * scale, hi * scale)
 
 
+def _plain_uint8_image(inpt: Any) -> bool:
+    """A plain uint8 (C, H, W) tensor, what ``MultiCrop`` passes: the batched kernels take it. Anything else (a
+    float image, a ``tv_tensors.Image``, whose wrapper torchvision's kernels keep) goes to torchvision's own."""
+    return type(inpt) is Tensor and inpt.ndim == 3 and inpt.dtype == torch.uint8
+
+
 class GaussianBlur(v2.GaussianBlur):
     """torchvision's ``GaussianBlur`` (same parameters, same draws, the same crops bit for bit) blurring a uint8
     image with ``batch_ops.gaussian_blur``, whose kernel leaves out subnormal weights: the image-by-image path
@@ -48,8 +54,7 @@ class GaussianBlur(v2.GaussianBlur):
     that multiply subnormals slowly)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop
-        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.dtype == torch.uint8:
+        if _plain_uint8_image(inpt):
             return batch_ops.gaussian_blur(inpt.unsqueeze(0), self.kernel_size, [params["sigma"]])[0]
         return super().transform(inpt, params)
 
@@ -61,8 +66,7 @@ class ColorJitter(v2.ColorJitter):
     torchvision's on a few values in 10^5, and 8-11x faster)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        # a plain tensor only: torchvision's kernels keep a tv_tensors.Image's wrapper, which this call would drop
-        if type(inpt) is Tensor and inpt.ndim == 3 and inpt.shape[0] == 3 and inpt.dtype == torch.uint8:
+        if _plain_uint8_image(inpt) and inpt.shape[0] == 3:  # RGB: a grayscale image keeps torchvision's kernels
             return _color_jitter(inpt.unsqueeze(0), [params])[0]
         return super().transform(inpt, params)
 
