@@ -78,12 +78,13 @@ def adjust_hue(image: Tensor, factors: Sequence[float]) -> Tensor:
         # sequential, as the crops' torch ops run (one thread per crop actor or DataLoader worker); 0, not 1: a
         # forked DataLoader worker whose parent had started OpenCV's thread pool hangs when set to 1 thread
         cv2.setNumThreads(0)
-    rgb = np.ascontiguousarray(image.permute(0, 2, 3, 1).numpy()).reshape(b * h, w, 3).astype(np.float32)
+    # one copy, straight into a C-ordered (B, H, W, 3) float32 array whatever the crops' memory layout
+    rgb = image.permute(0, 2, 3, 1).numpy().astype(np.float32, order="C").reshape(b * h, w, 3)
     np.multiply(rgb, np.float32(1 / 255), out=rgb)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # hue in degrees [0, 360)
     hue = hsv.reshape(b, h * w, 3)[..., 0]  # a view: the shift below writes into hsv
-    # factors rounded to float32 as torchvision's scalar is; OpenCV wraps hues >= 360 itself, not negative ones
-    hue += np.asarray(factors, dtype=np.float64).astype(np.float32)[:, None] * np.float32(360)
+    # OpenCV wraps hues >= 360 itself, not negative ones
+    hue += _factors(factors, ndim=2)[0].numpy() * np.float32(360)
     np.add(hue, np.float32(360), out=hue, where=hue < 0)
     out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     np.multiply(out, np.float32(255.999), out=out)  # torchvision's to_dtype(uint8, scale=True): 255 + 1 - 1e-3
