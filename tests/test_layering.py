@@ -29,7 +29,7 @@ RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # the only modules that import Ray: the Ray Data stage, the Ray Train driver and loop, the Tune sweep
 RAY_MODULES = {
     "raydino.data.catalog", "raydino.data.clock", "raydino.data.eval_data", "raydino.data.pipeline", "raydino.data.shards", "raydino.data.sources",
-    "raydino.train.driver", "raydino.train.loop", "raydino.train.preemption", "raydino.train.stream",
+    "raydino.train.driver", "raydino.train.loop", "raydino.train.preemption", "raydino.train.rung_report", "raydino.train.stream",
     "raydino.sweep.bookkeeping", "raydino.sweep.run", "raydino.sweep.spec", "raydino.sweep.trial",
     "raydino.commands.rehearsal",
 }

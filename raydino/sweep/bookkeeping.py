@@ -7,8 +7,10 @@ Tune callback ends it (KILLED or FAILED); runs of trials Tune stopped without a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -69,8 +71,8 @@ class TrialBookkeeping(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._end_run(trial.trial_id, "FAILED")
-        error = trial.get_error()  # the formatted traceback text
-        message = _last_lines(str(error)) if error else "unknown error (see the trial's log)"
+        error = latest_error(trial)
+        message = _last_lines(error) if error else "unknown error (see the trial's log)"
         self._record(trial, "FAILED", message)
         self.log(
             f"sweep: trial {trial.trial_id} FAILED after {trial.num_failures} attempt(s): {_last_lines(message, 1)}"
@@ -105,6 +107,16 @@ def close_children(uri: str, experiment: str, parent_run_id: str, log: Callable[
     if open_runs:
         log(f"sweep: {len(open_runs)} trial run(s) were still open and are now KILLED")
     return bool(open_runs)
+
+
+def latest_error(trial: Any) -> str | None:
+    """The text of the trial's errors, its latest last. Tune appends each failure to the trial's local error file
+    at once and copies that file to the sweep's storage (where ``trial.get_error()`` reads) only at a later sync:
+    read there, a trial that failed at its first attempt (no retry) had no text yet: "unknown error"."""
+    path = trial.error_file
+    if path and os.path.isfile(path):
+        return Path(path).read_text(errors="replace")
+    return trial.get_error()
 
 
 def _last_lines(text: str, n: int = 3) -> str:

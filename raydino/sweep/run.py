@@ -33,7 +33,7 @@ from raydino.sweep.spec import (
     trial_resources,
     validate_space,
 )
-from raydino.sweep.trial import RUNG_EPOCH, run_trial
+from raydino.sweep.trial import run_trial
 from raydino.tracking import (
     RunLogger,
     TrackingError,
@@ -44,6 +44,7 @@ from raydino.tracking import (
     source_name,
 )
 from raydino.train.driver import ensure_ray
+from raydino.train.rung_report import RUNG_EPOCH
 
 
 class SweepResumeError(ConfigError):

@@ -11,16 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from raydino.config import Config, with_overrides
 from raydino.pretrain import pretrain
 from raydino.sweep.spec import arm_label, arm_values
 from raydino.tracking import RunLogger, find_run, search_runs, source_tags
 from raydino.train.driver import quiet_ray_data
+from raydino.train.rung_report import RungReport
 
 FINAL_KEY = "raydino_final"  # present only in a trial's last report, after its final evaluation
-RUNG_EPOCH = "rung_epoch"  # ASHA's time attribute: completed epochs, absent from the last epoch's reports
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -99,16 +98,3 @@ def run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
         }
     )
 
-
-class RungReport(TuneReportCallback):
-    """Forwards Train reports to Tune and adds ``rung_epoch`` before the last epoch only, so
-    ASHA never stops a trial that has finished training and is about to be evaluated."""
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__()
-        self.epochs = epochs
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and metrics[0].get("epoch", self.epochs) < self.epochs:
-            metrics = [{**metrics[0], RUNG_EPOCH: metrics[0]["epoch"]}, *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
