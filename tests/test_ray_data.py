@@ -125,28 +125,25 @@ def _in_process_digests(data: ArrayDataset, seed: int) -> list[tuple[int, str]]:
 
 
 @pytest.mark.timeout(60)
-def test_multicrop_columns_shapes_dtype(ray_session: None, imagefolder) -> None:
-    root, expected = imagefolder
-    ds = multicrop_dataset(imagefolder_dataset(root).dataset, CROPS, seed=0, num_actors=1, batch_size=3)
-    batch = ds.take_batch(batch_size=10, batch_format="numpy")
-    names = crop_names(CROPS.local_number)
-    assert set(batch) == set(names) | {"label", "epoch"}
-    assert batch["epoch"].tolist() == [0] * len(expected)
-    for name in names:
-        size = CROPS.global_size if name.startswith("global") else CROPS.local_size
-        assert batch[name].shape == (len(expected), 3, size, size)  # grayscale became 3 channels
-        assert batch[name].dtype == np.uint8
-    assert batch["label"].dtype == np.int64
-    assert sorted(batch["label"].tolist()) == sorted(label for _, label in expected)
-
-
-@pytest.mark.timeout(60)
 def test_multicrop_crops_follow_the_row_key_not_order_or_batches(ray_session: None) -> None:
     """Shuffled and batched unlike the stage called on all rows at once in this process, the crops are the same:
-    they follow the row key, not order or batch composition (and the stage's own test shows it depends on seed)."""
+    they follow the row key, not order or batch composition (and the stage's own test shows it depends on seed).
+    Every batch holds the crop columns (grayscale rows cropped to 3 channels, uint8), int64 labels and the epoch;
+    varied sizes and channels in one batch: tests/test_batched_crops.py, and an image folder end to end in
+    tests/test_pretrain_e2e.py."""
     data = _arrays()
     shuffled = array_dataset(data, rows_per_block=7).dataset.random_shuffle(seed=5)
-    crops = _crop_digests(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5))
+    batches = list(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5).iter_batches(
+        batch_size=None, batch_format="numpy"))
+    names = crop_names(CROPS.local_number)
+    for batch in batches:
+        assert set(batch) == set(names) | {"label", "epoch"}
+        n = len(batch["label"])
+        assert batch["epoch"].tolist() == [0] * n and batch["label"].dtype == np.int64
+        for name in names:
+            size = CROPS.global_size if name.startswith("global") else CROPS.local_size
+            assert batch[name].shape == (n, 3, size, size) and batch[name].dtype == np.uint8
+    crops = sorted(d for batch in batches for d in _batch_digests(batch))
     assert len(crops) == len(data)
     assert crops == _in_process_digests(data, seed=3)
 
