@@ -151,6 +151,27 @@ def test_a_dying_trial_does_not_overwrite_the_drivers_verdict(tmp_path):
 # --- the sweep scripts ------------------------------------------------------------------
 
 
+def test_the_trial_callback_unpickles_without_raydinos_sweep_driver_or_torch():
+    """Ray Train unpickles a trial's ``RungReport`` in its controller and in every train worker, which import the
+    class's module to do it: that module must not bring raydino's sweep, driver or evaluation code, nor torch (when
+    it lived in raydino.sweep.trial, 4-4.5 s of CPU in each of those processes)."""
+    import subprocess
+
+    from ray import cloudpickle
+
+    from raydino.train.rung_report import RungReport
+
+    # how Ray ships an instance's class: an importable class goes by reference to its module (the instance itself
+    # can be made only inside a Tune trial)
+    payload = cloudpickle.dumps(RungReport)
+    script = ("import pickle, sys; cls = pickle.loads(sys.stdin.buffer.read()); print(cls.__module__, cls.__name__, "
+              "sorted(m for m in sys.modules if m.startswith('raydino') or m == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split(" ", 2) == [
+        "raydino.train.rung_report", "RungReport", "['raydino', 'raydino.train', 'raydino.train.rung_report']\n"]
+
+
 def test_kappa_ablation_arguments_and_arms():
     ablation = _script("kappa_ablation")
     args = ablation.build_parser().parse_args([])
