@@ -154,7 +154,7 @@ def test_a_dying_trial_does_not_overwrite_the_drivers_verdict(tmp_path):
 def test_the_trial_callback_unpickles_without_raydinos_sweep_driver_or_torch():
     """Ray Train unpickles a trial's ``RungReport`` in its controller and in every train worker, which import the
     class's module to do it: that module must not bring raydino's sweep, driver or evaluation code, nor torch (when
-    it lived in raydino.sweep.trial, 4-4.5 s of CPU in each of those processes)."""
+    it lived in raydino.sweep.trial, 4-4.5 s of imports in each of those processes)."""
     import subprocess
 
     from ray import cloudpickle

@@ -2,7 +2,7 @@
 
 Ray Train pickles a run's callbacks to its controller actor and to every train worker; unpickling a class
 imports its module in those processes. Defined in ``raydino.sweep.trial``, it made each of them import all of
-raydino's sweep, driver and evaluation code (4-4.5 s of CPU each on 2 cores, 2026-12-06) for one small class.
+raydino's sweep, driver and evaluation code (4-4.5 s of imports in each, timed on a busy 2-core machine, 2026-12-06) for one small class.
 """
 
 from __future__ import annotations
