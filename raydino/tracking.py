@@ -307,6 +307,10 @@ class _Batch:
         ]
 
 
+CLOSING_RESEND_S = 0.5
+"""How often ``BackgroundLogger.close`` offers a held batch again (the run's training is over)."""
+
+
 class BackgroundLogger(RunLogger):
     """A training worker's metrics and tags, sent with MLflow's async logging (the rest of ``RunLogger``, reads
     included, stays synchronous): no training step waits for
@@ -418,9 +422,12 @@ class BackgroundLogger(RunLogger):
                      "metrics wait in memory and are sent when it answers")
 
     def close(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Wait up to ``timeout_s`` for every pending batch (offering held ones again as ``poll`` does); returns
-        the records still unsent (``{"metric", "value", "timestamp", "step"}`` or ``{"tag", "value"}``)."""
+        """Wait up to ``timeout_s`` for every pending batch (offering held ones again as ``poll`` does, every
+        ``CLOSING_RESEND_S`` at most: no step is left to spare the requests for, and a store that is back
+        should not wait a whole ``resend_every_s`` for the end of a run); returns the records still unsent
+        (``{"metric", "value", "timestamp", "step"}`` or ``{"tag", "value"}``)."""
         deadline = time.monotonic() + timeout_s
+        self.resend_every_s = min(self.resend_every_s, CLOSING_RESEND_S)
         self.poll()
         while self.pending and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -30,7 +30,6 @@ from raydino.sweep.spec import TrialOutcome
 from tests.test_sweep import TINY
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
-DRIVER = Path(__file__).resolve().parent / "private_ray_driver.py"
 STEPS = 1347 // 64  # one epoch of digits, one worker, 64 images a step
 EXPERIMENT = "resume"
 
@@ -189,7 +188,10 @@ def _ready_to_kill(client: MlflowClient, storage: Path, killed: dict[str, object
 @pytest.mark.timeout(1200)
 def test_a_killed_sweep_driver_resumes_where_it_was(ray_session, tmp_path, capsys):
     ray_tmp = tempfile.mkdtemp(prefix="rdr-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAYDINO_TEST_CPUS": "8"}  # 2 trials at once
+    # the sweep script as a user starts it, without RAY_ADDRESS, beside this session's Ray: it must not join that
+    # Ray (another run's, marked private) but start its own, sized for two trials at once (raydino.train.driver.
+    # ensure_ray); the Train workers the killer below finds by their Ray's RAY_TMPDIR are that Ray's
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     storage = tmp_path / "runs"
@@ -199,7 +201,7 @@ def test_a_killed_sweep_driver_resumes_where_it_was(ray_session, tmp_path, capsy
         killer = threading.Thread(target=_kill_a_train_worker_after_a_checkpoint, args=(storage, ray_tmp, killed),
                                   daemon=True)
         with (tmp_path / "first.log").open("w") as log:
-            first = subprocess.Popen([sys.executable, str(DRIVER), *_sweep_args(tmp_path, "--seeds", "2")], env=env,
+            first = subprocess.Popen([sys.executable, *_sweep_args(tmp_path, "--seeds", "2")], env=env,
                                      cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killer.start()
         before = None

@@ -73,19 +73,23 @@ def test_an_outage_longer_than_the_retry_budget_costs_no_step_and_no_point(serve
     client = MlflowClient(server.uri)
     run_id = client.create_run(client.create_experiment("outage")).info.run_id
     lines: list[str] = []
-    logger = BackgroundLogger(server.uri, run_id, lines.append, resend_every_s=0.5)
+    # a held batch is offered again at once, then after resend_every_s: here once during the outage, and not again
+    # before the loop ends; close() offers it every CLOSING_RESEND_S, so the store, back, is not waited on for 30 s
+    logger = BackgroundLogger(server.uri, run_id, lines.append, resend_every_s=30)
     loop = _Loop(logger)
 
-    before = loop.run(2)
+    before = loop.run(1)
     assert lines == [] and logger.points_confirmed > 0
     server.stop()
-    away = loop.run(3)  # the resends (every 0.5 s) fail: retries are off, so MLflow gives each batch up at once
+    away = loop.run(2)  # the offer fails: retries are off, so MLflow gives each batch up at once
     restart = threading.Thread(target=server.start)
     restart.start()
     restarting = loop.run(until=restart)
     restart.join()
-    after = loop.run(2)
+    after = loop.run(1)
+    closing = time.monotonic()
     unsent = logger.close(60)
+    closed_s = time.monotonic() - closing
 
     phases = {"before": before, "away": away, "restarting": restarting, "after": after}
     # the loop's pace is its own: logging held no step while the store was away or restarting, measured as the
@@ -94,7 +98,8 @@ def test_an_outage_longer_than_the_retry_budget_costs_no_step_and_no_point(serve
     for phase in (away, restarting):
         assert phase["median_log_s"] <= 0.0005 and phase["log_share"] <= 0.025, phases
     assert unsent == [] and logger.pending == 0
-    assert logger.offers >= 1  # batches MLflow gave up on were held and offered again
+    assert logger.offers >= 2  # batches MLflow gave up on were held and offered again, in the outage and at close
+    assert closed_s < 10, closed_s  # a whole resend_every_s (30 s) before: CLOSING_RESEND_S (0.5 s) now
     assert len([line for line in lines if "tracking is behind" in line]) == 1, lines
     assert len([line for line in lines if "has caught up" in line]) == 1, lines
     for key in ("loss", "lr"):  # every point of every step, once
@@ -168,7 +173,7 @@ def test_a_run_trains_through_a_tracking_outage_at_its_pace_and_logs_every_step(
                                  f"tracking.uri={server.uri}", "tracking.experiment=pace",
                                  f"checkpoint.storage_path={tmp_path / 'runs'}"])
     window: dict[str, float] = {}
-    watcher = threading.Thread(target=_stop_during_training, args=(server, "pace", 8.0, window), daemon=True)
+    watcher = threading.Thread(target=_stop_during_training, args=(server, "pace", 3.0, window), daemon=True)
     watcher.start()
     summary = pretrain(cfg, log=lambda _: None)
     watcher.join(timeout=120)
