@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,13 @@ def _batch_digests(batch: dict[str, np.ndarray]) -> list[tuple[int, str]]:
     return out
 
 
-def _crop_digests(ds: ray.data.Dataset) -> list[tuple[int, str]]:
-    """(label, digest of all crops) per row, sorted: compares runs whatever the row order."""
-    return sorted(d for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for d in _batch_digests(batch))
+def _crop_digests(batches: Iterable[dict[str, np.ndarray]]) -> list[tuple[int, str]]:
+    """(label, digest of all crops) per row of the batches, sorted: compares runs whatever the row order."""
+    return sorted(d for batch in batches for d in _batch_digests(batch))
+
+
+def _numpy_batches(ds: ray.data.Dataset) -> list[dict[str, np.ndarray]]:
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
 def _in_process_digests(data: ArrayDataset, seed: int) -> list[tuple[int, str]]:
@@ -133,8 +138,7 @@ def test_multicrop_crops_follow_the_row_key_not_order_or_batches(ray_session: No
     tests/test_pretrain_e2e.py."""
     data = _arrays()
     shuffled = array_dataset(data, rows_per_block=7).dataset.random_shuffle(seed=5)
-    batches = list(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5).iter_batches(
-        batch_size=None, batch_format="numpy"))
+    batches = _numpy_batches(multicrop_dataset(shuffled, CROPS, seed=3, num_actors=1, batch_size=5))
     names = crop_names(CROPS.local_number)
     for batch in batches:
         assert set(batch) == set(names) | {"label", "epoch"}
@@ -143,7 +147,7 @@ def test_multicrop_crops_follow_the_row_key_not_order_or_batches(ray_session: No
         for name in names:
             size = CROPS.global_size if name.startswith("global") else CROPS.local_size
             assert batch[name].shape == (n, 3, size, size) and batch[name].dtype == np.uint8
-    crops = sorted(d for batch in batches for d in _batch_digests(batch))
+    crops = _crop_digests(batches)
     assert len(crops) == len(data)
     assert crops == _in_process_digests(data, seed=3)
 
@@ -209,10 +213,10 @@ def test_an_autoscaling_crop_pool_stays_in_its_bounds_and_is_metered(ray_session
     source = array_dataset(data, rows_per_block=4)
     meter = start_crop_meter()
     try:
-        pooled = _crop_digests(
+        pooled = _crop_digests(_numpy_batches(
             multicrop_dataset(source.dataset, CROPS, seed=3, num_actors=(1, 3), batch_size=4, cpus_per_actor=0.5,
                               meter=meter)
-        )
+        ))
         stats = ray.get(meter.summary.remote(), timeout=30)
     finally:
         ray.kill(meter)

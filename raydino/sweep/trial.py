@@ -97,4 +97,3 @@ def run_trial(config: dict[str, Any], *, setup: dict[str, Any]) -> None:
             FINAL_KEY: 1,
         }
     )
-
